@@ -1,0 +1,185 @@
+"""Capture: a model and example inputs become an ATen-level torch.fx graph via torch.export.
+
+The graph is the one `torch.export.export` returns, before decomposition: the rules cover the
+operators it emits (`aten.linear`, `aten.lstm.input`, `aten.scaled_dot_product_attention`...),
+which spares the several-fold cost of decomposing to core ATen. Parameters and buffers keep
+their state_dict names, and the model may live on the meta device: the analysis never reads a
+weight.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+
+from .labels import Categories, Features
+
+__all__ = ["Traced", "trace", "CaptureError", "InputError"]
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured as a graph."""
+
+
+class InputError(ValueError):
+    """The example inputs or their descriptions are wrong."""
+
+
+@dataclass
+class Traced:
+    """A captured model: the exported program plus what fxsurgery needs to label it."""
+
+    model: torch.nn.Module
+    program: ExportedProgram
+    inputs: tuple                       # example inputs, positional
+    input_names: list[str]              # user-facing input names, in order
+    input_nodes: list[str]              # the matching placeholder names in the graph
+    descriptions: dict[str, Any]        # input name -> Features | Categories | None
+    placeholders: dict[str, tuple[str, str]] = field(default_factory=dict)  # placeholder -> (kind, state name)
+    aliases: dict[str, list[str]] = field(default_factory=dict)             # state name -> tied names
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        return self.program.graph_module
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.program.graph_module.graph
+
+    def state_shapes(self) -> dict[str, tuple]:
+        """Shapes of every parameter and buffer the graph reads, by state_dict name."""
+        shapes = {}
+        for node in self.graph.nodes:
+            if node.op == "placeholder" and node.name in self.placeholders:
+                kind, name = self.placeholders[node.name]
+                if kind in ("parameter", "buffer"):
+                    shapes[name] = tuple(node.meta["val"].shape)
+        return shapes
+
+    def __repr__(self) -> str:
+        n = sum(1 for n in self.graph.nodes if n.op == "call_function")
+        return (f"Traced({type(self.model).__name__}, inputs={self.input_names}, "
+                f"{n} operators, {len(self.state_shapes())} parameters and buffers)")
+
+
+def _as_tuple(example_inputs) -> tuple[tuple, list[str] | None]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), None
+    if isinstance(example_inputs, Mapping):
+        # Names for positional inputs, in order (for a forward(*inputs) that torch.export
+        # would otherwise call inputs_0, inputs_1, ...).
+        return tuple(example_inputs.values()), [str(k) for k in example_inputs]
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs), None
+    if not isinstance(example_inputs, tuple):
+        raise InputError(f"example_inputs must be a tensor, a tuple of tensors or a dict of named "
+                         f"positional tensors, got {type(example_inputs).__name__}")
+    return example_inputs, None
+
+
+def _check_description(name: str, desc, val: torch.Tensor) -> None:
+    if isinstance(desc, Features):
+        if val.dim() == 0:
+            raise InputError(f"input {name!r} is a scalar: Features needs an axis to label")
+        if not -val.dim() <= desc.dim < val.dim():
+            raise InputError(f"Features for input {name!r} label dim {desc.dim}, but the input has "
+                             f"{val.dim()} dimensions (shape {tuple(val.shape)})")
+        size = val.shape[desc.dim]
+        if size != len(desc):
+            raise InputError(f"Features for input {name!r} name {len(desc)} features, but axis "
+                             f"{desc.dim} of the input has size {size} (shape {tuple(val.shape)})")
+    elif isinstance(desc, Categories):
+        if val.dtype.is_floating_point or val.dtype.is_complex or val.dtype == torch.bool:
+            raise InputError(f"input {name!r} is described by Categories but holds {val.dtype}; "
+                             "categories label the values of an integer index input")
+    elif desc is not None:
+        raise InputError(f"the description of input {name!r} must be fs.Features or fs.Categories, "
+                         f"got {type(desc).__name__}")
+
+
+def _export_hint(err: Exception) -> str:
+    text = str(err)
+    if "data-dependent" in text or "GuardOnDataDependentSymNode" in type(err).__name__:
+        return ("the model branches on tensor values; make the control flow depend on shapes only, "
+                "or use torch.cond")
+    if "not supported" in text.lower() and "output" in text.lower():
+        return "return tensors, or tuples/lists/dicts of tensors, from forward"
+    return ("check that forward runs on the example inputs, that it returns tensors, and that its "
+            "control flow depends on shapes rather than values")
+
+
+def trace(model: torch.nn.Module, example_inputs, features: Optional[Mapping[str, Any]] = None,
+          *, strict: bool = False) -> Traced:
+    """Captures `model` on `example_inputs` and attaches the input descriptions.
+
+    `features` maps input argument names to `Features` or `Categories`; inputs not named there
+    get one label each, named after the argument. `example_inputs` may be a dict, which names
+    positional inputs in order. Works with the model and inputs on the meta device. The model
+    is not modified.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"trace expects a torch.nn.Module, got {type(model).__name__}")
+    args, given_names = _as_tuple(example_inputs)
+    for i, a in enumerate(args):
+        if not isinstance(a, torch.Tensor):
+            label = repr(given_names[i]) if given_names else str(i)
+            raise InputError(f"example input {label} is a {type(a).__name__}, not a tensor; fxsurgery "
+                             "labels tensor inputs only (bind other arguments with a wrapper module)")
+    features = dict(features or {})
+
+    with warnings.catch_warnings():
+        # nn.LSTM/GRU warn about their flat weights being non-contiguous under export.
+        warnings.filterwarnings("ignore", message=".*_flat_weights.*")
+        try:
+            program = torch.export.export(model, args, strict=strict)
+        except Exception as err:  # noqa: BLE001 - we re-raise with the exporter's reason
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
+                               f"{type(err).__name__}: {reason}. Try: {_export_hint(err)}.") from err
+
+    sig = program.graph_signature
+    placeholders: dict[str, tuple[str, str]] = {}
+    input_nodes: list[str] = []
+    for spec in sig.input_specs:
+        name = spec.arg.name
+        if spec.kind == InputKind.USER_INPUT:
+            input_nodes.append(name)
+            placeholders[name] = ("input", name)
+        elif spec.kind == InputKind.PARAMETER:
+            placeholders[name] = ("parameter", spec.target)
+        elif spec.kind == InputKind.BUFFER:
+            placeholders[name] = ("buffer", spec.target)
+        else:
+            placeholders[name] = ("constant", spec.target or name)
+
+    if given_names is not None:
+        if len(given_names) != len(input_nodes):
+            raise InputError(f"{len(given_names)} named inputs were given, but the captured graph "
+                             f"has {len(input_nodes)} tensor inputs")
+        input_names = given_names
+    else:
+        input_names = list(input_nodes)
+    unknown = sorted(set(features) - set(input_names))
+    if unknown:
+        raise InputError(f"features describe {unknown}, which {'is' if len(unknown) == 1 else 'are'} "
+                         f"not an input of {type(model).__name__}; its tensor inputs are {input_names}")
+    vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
+    for name, node in zip(input_names, input_nodes):
+        _check_description(name, features.get(name), vals[node])
+
+    # Tied parameters are lifted once; remember every state_dict name that shares the tensor.
+    by_id: dict[int, list[str]] = {}
+    for name, p in list(model.named_parameters(remove_duplicate=False)) + \
+            list(model.named_buffers(remove_duplicate=False)):
+        by_id.setdefault(id(p), []).append(name)
+    aliases = {names[0]: names for names in by_id.values()}
+    lifted = {state for kind, state in placeholders.values() if kind in ("parameter", "buffer")}
+    aliases = {k: v for k, v in ((next((n for n in v if n in lifted), v[0]), v) for v in aliases.values())}
+
+    return Traced(model=model, program=program, inputs=args, input_names=input_names, input_nodes=input_nodes,
+                  descriptions={n: features.get(n) for n in input_names},
+                  placeholders=placeholders, aliases=aliases)

@@ -1,0 +1,79 @@
+"""The rule table: one label rule per ATen overload, registered with a decorator.
+
+A rule receives a `RuleContext` and the operator's arguments with every tensor replaced by its
+`LabelTensor`; it returns the label tensor(s) of the result, in the operator's output
+structure, and reports through the context what each parameter operand meets. Duplicate
+registrations are refused, and the table is listable so that tests and proofs walk it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+__all__ = ["Rule", "RuleRegistry", "REGISTRY", "register"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    op: torch._ops.OpOverload
+    fn: Callable
+    family: str
+
+    def __call__(self, ctx, *args, **kwargs):
+        return self.fn(ctx, *args, **kwargs)
+
+
+class RuleRegistry:
+    def __init__(self, name: str = "default"):
+        self.name = name
+        self._rules: dict[torch._ops.OpOverload, Rule] = {}
+
+    def register(self, *ops, family: str):
+        """Decorator: `@register(aten.relu.default, aten.tanh.default, family="elementwise")`."""
+        def deco(fn):
+            for op in ops:
+                self.add(op, fn, family)
+            return fn
+        return deco
+
+    def add(self, op, fn, family: str) -> None:
+        if not isinstance(op, torch._ops.OpOverload):
+            raise TypeError(f"rules are keyed by ATen overload (aten.x.default), got {op!r}")
+        if op in self._rules:
+            raise ValueError(f"a label rule for {op} is already registered "
+                             f"(family {self._rules[op].family!r}); refusing a second one")
+        self._rules[op] = Rule(op, fn, family)
+
+    def get(self, op) -> Rule | None:
+        return self._rules.get(op)
+
+    def copy(self, name: str) -> "RuleRegistry":
+        """A copy that can be altered without touching this one (test-only registries)."""
+        other = RuleRegistry(name)
+        other._rules = dict(self._rules)
+        return other
+
+    def replace(self, op, fn, family: str | None = None) -> None:
+        old = self._rules.get(op)
+        self._rules[op] = Rule(op, fn, family or (old.family if old else "custom"))
+
+    def __contains__(self, op) -> bool:
+        return op in self._rules
+
+    def __iter__(self) -> Iterator[Rule]:
+        return iter(sorted(self._rules.values(), key=lambda r: str(r.op)))
+
+    def __len__(self) -> int:
+        return len(self._rules)
+
+    def families(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for r in self:
+            out.setdefault(r.family, []).append(str(r.op))
+        return out
+
+
+REGISTRY = RuleRegistry()
+register = REGISTRY.register
