@@ -50,6 +50,14 @@ class Traced:
     def graph(self) -> torch.fx.Graph:
         return self.program.graph_module.graph
 
+    def canonical(self, name: str) -> str:
+        """The one name a group of tied parameters is known by (the first state_dict name)."""
+        return self._canonical.get(name, name)
+
+    @property
+    def _canonical(self) -> dict[str, str]:
+        return {a: names[0] for names in self.aliases.values() for a in names}
+
     def state_shapes(self) -> dict[str, tuple]:
         """Shapes of every parameter and buffer the graph reads, by state_dict name."""
         shapes = {}
@@ -177,8 +185,6 @@ def trace(model: torch.nn.Module, example_inputs, features: Optional[Mapping[str
             list(model.named_buffers(remove_duplicate=False)):
         by_id.setdefault(id(p), []).append(name)
     aliases = {names[0]: names for names in by_id.values()}
-    lifted = {state for kind, state in placeholders.values() if kind in ("parameter", "buffer")}
-    aliases = {k: v for k, v in ((next((n for n in v if n in lifted), v[0]), v) for v in aliases.values())}
 
     return Traced(model=model, program=program, inputs=args, input_names=input_names, input_nodes=input_nodes,
                   descriptions={n: features.get(n) for n in input_names},

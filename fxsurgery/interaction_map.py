@@ -140,7 +140,7 @@ class InteractionMap:
 
     # reporting ----------------------------------------------------------------------
     def summary(self, name: str, limit: int = 6) -> str:
-        labels = sorted(self.labels_of(name))
+        labels = sorted(self.labels_of(name), key=lambda l: (l.kind, l.group, l.index, l.name))
         by_group: dict[str, list[str]] = {}
         for l in labels:
             by_group.setdefault(l.group, []).append(l.name)
@@ -225,8 +225,9 @@ def _entries(traced: Traced, deps: LabelPropagator, keys: LabelPropagator | None
         if node.op != "placeholder":
             continue
         kind, name = traced.placeholders.get(node.name, ("input", node.name))
-        if kind not in ("parameter", "buffer"):
+        if kind not in ("parameter", "buffer") or traced.canonical(name) in entries:
             continue
+        name = traced.canonical(name)
         shape = tuple(node.meta["val"].shape)
         entries[name] = ParamEntry(
             name=name, shape=shape, kind=kind,

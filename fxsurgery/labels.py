@@ -7,8 +7,7 @@ by an integer id, so that label tensors are plain integer tensors and unions are
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 
@@ -17,11 +16,11 @@ __all__ = ["Label", "Features", "Categories", "SetPool", "EMPTY"]
 EMPTY = 0  # id of the empty set in every pool
 
 
-@dataclass(frozen=True, order=True)
-class Label:
+class Label(NamedTuple):
     """One label. `kind` is "feature", "category", "input" or "unit"; `group` is the input
     argument (features, categories, inputs) or the hidden axis (units); `index` is the
-    position along the labelled axis, the category's value, or the unit's position."""
+    position along the labelled axis, the category's value, or the unit's position.
+    (A named tuple: labels are hashed millions of times on large models.)"""
 
     kind: str
     group: str

@@ -46,8 +46,17 @@ def _where(node: torch.fx.Node) -> str:
 
 
 def input_labels(name: str, desc, shape, pool: SetPool) -> LabelTensor:
-    """The label tensor of a user input, from its description."""
+    """The label tensor of a user input, from its description (cached in the pool, so that
+    the two modes and repeated runs label inputs once)."""
     shape = tuple(shape)
+    cache = pool.__dict__.setdefault("_inputs", {})
+    key = (name, repr(desc), shape)
+    if key not in cache:
+        cache[key] = _input_labels(name, desc, shape, pool)
+    return cache[key]
+
+
+def _input_labels(name: str, desc, shape, pool: SetPool) -> LabelTensor:
     if isinstance(desc, Features):
         dim = desc.dim % len(shape)
         ids = torch.tensor([pool.singleton(Label("feature", name, n, i)) for i, n in enumerate(desc.names)],
@@ -161,7 +170,7 @@ class LabelPropagator(torch.fx.Interpreter):
             name = self.traced.input_names[self.traced.input_nodes.index(node.name)]
             return input_labels(name, self.traced.descriptions.get(name), shape, self.pool)
         if kind in ("parameter", "buffer"):
-            return LabelTensor.empty(shape, refs=(ParamRef(name, shape),))
+            return LabelTensor.empty(shape, refs=(ParamRef(self.traced.canonical(name), shape),))
         const = self.traced.program.constants.get(name)
         if isinstance(const, torch.Tensor) and const.device.type != "meta":
             return LabelTensor.empty(shape, const=const.detach())
@@ -242,6 +251,8 @@ class LabelPropagator(torch.fx.Interpreter):
         """Runs the labels through the operator's decomposition, when it has one."""
         from torch._decomp import decomposition_table
         decomp = decomposition_table.get(target)
+        if decomp is None and torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd"):
+            decomp = target.decompose
         if decomp is None:
             return None
         node = self._node

@@ -59,6 +59,10 @@ class RuleRegistry:
         old = self._rules.get(op)
         self._rules[op] = Rule(op, fn, family or (old.family if old else "custom"))
 
+    def remove(self, op) -> None:
+        """Drops a rule (test-only registries: to exercise the fallback)."""
+        del self._rules[op]
+
     def __contains__(self, op) -> bool:
         return op in self._rules
 

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set-up and entry points. On a fresh machine each command installs what it needs first:
+#   bash run.sh demo    the main job
+#   bash run.sh test    the whole test suite (what CI runs)
+#   bash run.sh bench   the benchmarks
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+
+setup() {
+    # torch first and pinned, so that nothing below can resolve a CUDA build of it.
+    if ! $PY -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
+        $PY -m pip install -q -c constraints.txt torch==2.13.0
+    fi
+    if ! $PY -c "import fxsurgery, hypothesis, pytest, sympy, tabulate" 2>/dev/null; then
+        $PY -m pip install -q -c constraints.txt -e ".[test]"
+    fi
+}
+
+case "${1:-test}" in
+    demo)  setup; $PY examples/map_five.py ;;
+    test)  setup; $PY -m pytest -q -p no:cacheprovider ;;
+    bench) setup; $PY benchmarks/bench_map.py ;;
+    *) echo "usage: bash run.sh demo|test|bench" >&2; exit 2 ;;
+esac
