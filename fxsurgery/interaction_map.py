@@ -163,23 +163,21 @@ class InteractionMap:
         return text
 
     def to_json(self) -> dict:
-        """Per parameter: shape, and for each label met, the boolean mask as nested lists would
-        be too large; the JSON holds per label the number of elements and, per axis, which
-        positions it reaches."""
+        """Per parameter and label met: how many elements it reaches and, per axis, the
+        positions it reaches (the full masks would be as large as the weights)."""
         out = {"source": self.source,
                "inputs": {k: (v.to_json() if v is not None else None) for k, v in self.inputs.items()},
                "parameters": {}, "notes": self.notes}
         for name, e in self.entries.items():
-            dense = e.meets.dense(self.pool)
             labels = {}
             for lab in sorted(self.labels_of(name)):
                 mask = e.meets.contains(self.pool.find_label(lab), self.pool)
+                per_axis = [mask.any(dim=[d for d in range(mask.dim()) if d != a]) if mask.dim() > 1 else mask
+                            for a in range(mask.dim())]
                 labels[str(lab)] = {"elements": int(mask.sum()),
-                                    "positions": [torch.nonzero(mask.reshape(mask.shape).any(dim=[d for d in range(mask.dim()) if d != a]) if mask.dim() > 1 else mask).reshape(-1).tolist()
-                                                  for a in range(mask.dim())]}
+                                    "positions": [p.nonzero().reshape(-1).tolist() for p in per_axis]}
             out["parameters"][name] = {"shape": list(e.shape), "kind": e.kind, "aliases": list(e.aliases),
                                        "labels": labels}
-            del dense
         return out
 
     def save_json(self, path) -> None:
@@ -241,8 +239,6 @@ def _entries(traced: Traced, deps: LabelPropagator, keys: LabelPropagator | None
 def interaction_map(traced: Traced, keys: bool = True, registry=REGISTRY) -> InteractionMap:
     """The boolean mapping: propagates label sets through the graph with the rules."""
     pool = SetPool()
-    for name in traced.input_names:  # input labels first, in a stable order
-        pass
     deps = LabelPropagator(traced, pool, "deps", registry)
     deps.run(*_placeholder_args(traced))
     kp = None

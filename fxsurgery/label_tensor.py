@@ -105,7 +105,7 @@ class LabelTensor:
     @property
     def is_free(self) -> bool:
         """No element depends on any label."""
-        return self.ids.numel() == 1 and int(self.ids.reshape(())) == EMPTY or bool((self.ids == EMPTY).all())
+        return bool((self.ids == EMPTY).all())
 
     def dense(self) -> torch.Tensor:
         return self.ids.expand(self.shape)
