@@ -182,6 +182,8 @@ class LabelPropagator(torch.fx.Interpreter):
             return args[0][args[1]]
         if not isinstance(target, torch._ops.OpOverload):
             return self._fallback(target, args, kwargs, f"no label rule for {target}")
+        if not target._schema.returns:
+            return None  # assertions and other operators without results
         val = node.meta.get("val")
         if val is not None and not _has_tensor(val):
             return val  # sizes and other Python values flow through unchanged

@@ -20,8 +20,13 @@ from .registry import register
 
 def unit_group(ref: ParamRef, axis: int) -> str:
     """Names a parameter axis as a hidden axis: `enc.fc` for the rows of `enc.fc.weight`,
-    `emb:1` for the columns of `emb.weight`, the parameter's name for anything else."""
-    base = ref.name[: -len(".weight")] if ref.name.endswith(".weight") else ref.name
+    `attn.in_proj` for those of `attn.in_proj_weight`, `emb:1` for the columns of
+    `emb.weight`, the parameter's name for anything else."""
+    base = ref.name
+    for suffix in (".weight", "_weight"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
     return base if axis == 0 else f"{base}:{axis}"
 
 

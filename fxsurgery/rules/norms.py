@@ -13,13 +13,19 @@ from .helpers import mixing, reduce_to
 from .registry import register
 
 
-def _affine(ctx, normalised: LabelTensor, weight, bias, view) -> None:
+def _onto(ctx, ids: torch.Tensor, view, axes) -> torch.Tensor:
+    """Unions a value's ids onto a per-position parameter laid out as `view` (1 on the axes
+    the parameter does not have), keeping only the parameter's `axes` of the value."""
+    ids = reduce_to(ctx, ids, view)
+    return ids.reshape([ids.shape[d] for d in axes])
+
+
+def _affine(ctx, normalised: LabelTensor, weight, bias, view, axes) -> None:
     """A scale meets the normalised value where it multiplies it; a shift is only added and
     meets nothing. Both are aligned with the positions they scale or shift."""
     for p, meets in ((weight, True), (bias, False)):
         if isinstance(p, LabelTensor) and p.is_param:
-            ids = reduce_to(ctx, normalised.ids, view).reshape(p.shape) if normalised.ids.numel() > 1 \
-                else normalised.ids.reshape([1] * p.ndim)
+            ids = _onto(ctx, normalised.ids, view, axes)
             empty = torch.zeros([1] * p.ndim, dtype=torch.int64)
             ctx.meet(p, ids if meets else empty, ids)
 
@@ -36,7 +42,7 @@ def layer_norm(ctx, x, normalized_shape, weight=None, bias=None, *args, **kwargs
     k = len(normalized_shape)
     dims = list(range(x.ndim - k, x.ndim))
     out = mixing(ctx, x, dims)
-    _affine(ctx, out, weight, bias, [1] * (x.ndim - k) + list(normalized_shape))
+    _affine(ctx, out, weight, bias, [1] * (x.ndim - k) + list(normalized_shape), dims)
     if isinstance(ctx.out, (tuple, list)):  # native_layer_norm: (out, mean, rstd)
         stats = ctx.pool.reduce_ids(x.ids, dims, keepdim=True)
         return tuple([out] + [LabelTensor(stats, v.shape) for v in ctx.out[1:]])
@@ -64,13 +70,12 @@ def batch_norm(ctx, x, weight=None, bias=None, running_mean=None, running_var=No
         out = mixing(ctx, x, groups)
     else:
         out = LabelTensor(x.ids, x.shape)  # a per-channel affine map
-    _affine(ctx, out, weight, bias, view)
+    _affine(ctx, out, weight, bias, view, [1])
     # Running statistics: in evaluation the mean is only subtracted (meets nothing) while the
     # variance divides the centred input (meets it); in training they do not touch the output.
     for stat, meets in ((running_mean, False), (running_var, not training)):
         if isinstance(stat, LabelTensor) and stat.is_param:
-            ids = reduce_to(ctx, out.ids, view).reshape(stat.shape) if out.ids.numel() > 1 \
-                else out.ids.reshape([1] * stat.ndim)
+            ids = _onto(ctx, out.ids, view, [1])
             ctx.meet(stat, ids if meets else torch.zeros([1] * stat.ndim, dtype=torch.int64), ids)
     if isinstance(ctx.out, (tuple, list)):
         rest = [LabelTensor.empty(v.shape) if isinstance(v, torch.Tensor) else v for v in ctx.out[1:]]
@@ -97,7 +102,7 @@ def group_norm(ctx, x, *args, **kwargs):
             [mixed.shape[0], c if mixed.shape[1] > 1 else c] + [1] * (x.ndim - 2)) if mixed.shape[1] > 1 \
             else mixed.reshape([mixed.shape[0], 1] + [1] * (x.ndim - 2))
         out = LabelTensor(mixed, x.shape)
-    _affine(ctx, out, weight, bias, _channel_view(x))
+    _affine(ctx, out, weight, bias, _channel_view(x), [1])
     if isinstance(ctx.out, (tuple, list)):
         return tuple([out] + [LabelTensor.empty(v.shape) for v in ctx.out[1:]])
     return out
