@@ -5,7 +5,11 @@ from .capture import CaptureError, InputError, Traced, trace
 from .propagate import RuleError, UnknownOperatorWarning
 from .interaction_map import InteractionMap, compare, interaction_map
 from .rules import REGISTRY
+from .gradient_map import GradientMapError, gradient_dependence, gradient_interaction_map
+from .surgery import SurgeryError, SurgeryPlan, SurgeryWarning, plan, transplant, verify
 
 __all__ = ["Features", "Categories", "Label", "trace", "Traced", "interaction_map", "InteractionMap",
-           "compare", "REGISTRY", "CaptureError", "InputError", "RuleError", "UnknownOperatorWarning"]
+           "compare", "REGISTRY", "CaptureError", "InputError", "RuleError", "UnknownOperatorWarning",
+           "gradient_interaction_map", "gradient_dependence", "GradientMapError",
+           "plan", "verify", "transplant", "SurgeryPlan", "SurgeryError", "SurgeryWarning"]
 __version__ = "0.1.0"

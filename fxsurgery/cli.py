@@ -139,4 +139,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the package's own module, so that its exception classes are the ones other
+    # modules raise (not copies living in __main__).
+    from fxsurgery.cli import main as _main
+    sys.exit(_main())

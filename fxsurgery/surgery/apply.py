@@ -1,0 +1,184 @@
+"""Building a new parameter from an old one and a `Match`, with index operations only.
+
+Per axis (block) the match gives the old position of each new position or -1. Copied
+stretches are found as runs of consecutive positions: few runs (the usual case: features or
+units added at one place, a prefix kept) are copied as slices, straight from the old tensor
+into the new one; many runs (a reordering) become one `index_select` along that axis. An axis
+map that is the identity costs nothing, and a parameter whose every axis is the identity is
+handed over as the old tensor itself (`load_state_dict` does the one copy). Positions not
+copied are then filled, slice by slice, from the new model's own values, zeroed where they
+meet a new label.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from ._sort import searchsorted
+from .match import Match
+
+__all__ = ["build", "select_matched", "RUN_LIMIT"]
+
+RUN_LIMIT = 8          # at most this many copied stretches along an axis are copied as slices
+REGION_LIMIT = 64      # and at most this many slice copies per parameter
+
+
+def _runs(index: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Maximal stretches (new start, old start, length) where index[i+1] = index[i] + 1 >= 1.
+    More than a few hundred come back as a list of placeholders (the caller indexes instead)."""
+    n = index.numel()
+    if n == 0:
+        return []
+    valid = index >= 0
+    start = valid.clone()
+    if n > 1:
+        start[1:] &= ~(valid[:-1] & (index[1:] == index[:-1] + 1))
+    starts = torch.nonzero(start).reshape(-1)
+    if starts.numel() > 512:
+        return [(-1, -1, -1)] * int(starts.numel())
+    breaks = torch.nonzero(start | ~valid).reshape(-1)
+    nxt = searchsorted(breaks, starts, right=True)
+    ends = torch.where(nxt < breaks.numel(), breaks[nxt.clamp(max=max(breaks.numel() - 1, 0))],
+                       torch.full_like(starts, n))
+    return [(s, o, e - s) for s, o, e in zip(starts.tolist(), index.index_select(0, starts).tolist(), ends.tolist())]
+
+
+def _block_view(t: torch.Tensor, blocks, shape_attr: str) -> tuple[torch.Tensor, list[int]]:
+    """The tensor with its axes grouped block by block and each block flattened."""
+    perm = [a for b in blocks for a in b.axes]
+    if all(len(b.axes) == 1 for b in blocks):
+        return t, perm
+    sizes = [math.prod(getattr(b, shape_attr)) for b in blocks]
+    return t.permute(perm).reshape(sizes), perm
+
+
+def _unview(t: torch.Tensor, blocks, perm, shape) -> torch.Tensor:
+    if all(len(b.axes) == 1 for b in blocks):
+        return t
+    t = t.reshape([shape[a] for a in perm])
+    inverse = [0] * len(perm)
+    for i, a in enumerate(perm):
+        inverse[a] = i
+    return t.permute(inverse).contiguous()
+
+
+def _zero_positions(m: Match, new_categories: str) -> list[torch.Tensor]:
+    keep_cats = new_categories != "zero"
+    return [b.zero & ~b.category if keep_cats else b.zero for b in m.blocks]
+
+
+def _init_values(m: Match, new: torch.Tensor, new_categories: str, zero_pos=None) -> torch.Tensor:
+    """The new model's values, zeroed where they meet a new label (a fresh tensor)."""
+    out = new.clone()
+    if m.unexplained:
+        return out
+    if m.zero_all and not (m.category_all and new_categories != "zero"):
+        return out.zero_()
+    for d, z in enumerate(zero_pos if zero_pos is not None else _zero_positions(m, new_categories)):
+        idx = torch.nonzero(z).reshape(-1)
+        if idx.numel():
+            out.index_fill_(d, idx.to(out.device), 0)
+    return out
+
+
+def build(m: Match, old: torch.Tensor | None, new: torch.Tensor, new_categories: str = "zero") -> torch.Tensor:
+    """The new value of one parameter: copied where matched, initialised elsewhere. Returns the
+    old tensor itself (converted to the new dtype and device) when every element is copied in
+    place; otherwise a fresh tensor. Neither `old` nor `new` is modified."""
+    if not m.copy or old is None or m.unexplained:
+        if not m.blocks and not m.unexplained:
+            return new.clone().zero_() if m.zero_all and not (m.category_all and new_categories != "zero") \
+                else new.clone()
+        view, perm = _block_view(new, m.blocks, "new_shape") if m.blocks else (new, [])
+        out = _init_values(m, view, new_categories)
+        return _unview(out, m.blocks, perm, m.new_shape) if m.blocks else out
+    old = old.to(device=new.device, dtype=new.dtype)
+    if m.identity:
+        return old
+    old_v, perm = _block_view(old, m.blocks, "old_shape")
+    new_v, _ = _block_view(new, m.blocks, "new_shape")
+    maps = [b.index.to(new.device) for b in m.blocks]
+    out = _gather(old_v, maps, tuple(new_v.shape))
+    zero_pos = _zero_positions(m, new_categories)
+    for d, idx in enumerate(maps):
+        missing = torch.nonzero(idx < 0).reshape(-1)
+        if missing.numel():
+            part = new_v.index_select(d, missing)
+            part = _zero_slice(m, part, d, missing, zero_pos, new_categories)
+            out.index_copy_(d, missing, part)
+    if new_categories == "mean":
+        _mean_rows(m, out, maps)
+    return _unview(out, m.blocks, perm, m.new_shape)
+
+
+def _zero_slice(m: Match, part, d, missing, zero_pos, new_categories):
+    if m.zero_all and not (m.category_all and new_categories != "zero"):
+        return part.zero_()
+    for e, z in enumerate(zero_pos):
+        z = z[missing] if e == d else z
+        idx = torch.nonzero(z).reshape(-1)
+        if idx.numel():
+            part.index_fill_(e, idx.to(part.device), 0)
+    return part
+
+
+def _mean_rows(m: Match, out: torch.Tensor, maps) -> None:
+    """New category positions become the mean of the copied ones along their axis."""
+    for d, b in enumerate(m.blocks):
+        rows = torch.nonzero(b.category & (b.index < 0)).reshape(-1)
+        copied = torch.nonzero(b.index >= 0).reshape(-1)
+        if rows.numel() and copied.numel():
+            mean = out.index_select(d, copied).mean(d, keepdim=True)
+            shape = list(out.shape)
+            shape[d] = rows.numel()
+            out.index_copy_(d, rows, mean.expand(shape).contiguous())
+
+
+def _gather(old: torch.Tensor, maps, new_shape) -> torch.Tensor:
+    """old re-indexed along every axis by `maps` (-1 positions hold arbitrary values)."""
+    runs = [_runs(idx) for idx in maps]
+    src = old
+    index_axes = {d for d, r in enumerate(runs) if len(r) > RUN_LIMIT}
+    while True:
+        n_regions = 1
+        for d, r in enumerate(runs):
+            n_regions *= 1 if d in index_axes else max(len(r), 1)
+        if n_regions <= REGION_LIMIT:
+            break
+        d = max((d for d in range(len(runs)) if d not in index_axes), key=lambda d: len(runs[d]))
+        index_axes.add(d)
+    for d in sorted(index_axes):
+        src = src.index_select(d, maps[d].clamp(min=0))
+    # Axes left: copied as slices. Identity axes are a single full run.
+    full = all(d in index_axes or (len(runs[d]) == 1 and runs[d][0] == (0, 0, new_shape[d]) and
+                                   old.shape[d] == new_shape[d]) for d in range(len(maps)))
+    if full:
+        return src if src is not old else old.clone()
+    out = torch.empty(new_shape, dtype=old.dtype, device=old.device)
+    per_axis = []
+    for d in range(len(maps)):
+        if d in index_axes:
+            per_axis.append([(0, 0, new_shape[d])])
+        else:
+            per_axis.append(runs[d])
+    for combo in itertools.product(*per_axis):
+        dst_sl = tuple(slice(s, s + n) for s, _, n in combo)
+        src_sl = tuple(slice(o, o + n) for _, o, n in combo)
+        out[dst_sl].copy_(src[src_sl])
+    return out
+
+
+def select_matched(m: Match, old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The elements of `new` that were matched, and their counterparts in `old`, in the same
+    order (used to compare outputs that gained or lost positions)."""
+    if m.identity:
+        return old, new
+    old_v, _ = _block_view(old, m.blocks, "old_shape")
+    new_v, _ = _block_view(new, m.blocks, "new_shape")
+    for d, b in enumerate(m.blocks):
+        keep = torch.nonzero(b.index >= 0).reshape(-1).to(new.device)
+        new_v = new_v.index_select(d, keep)
+        old_v = old_v.index_select(d, b.index.to(old.device)[keep])
+    return old_v, new_v

@@ -1,0 +1,221 @@
+"""Where function preservation is impossible, found on the graphs: normalisations and softmaxes
+whose mixed positions gain new labels, outputs that gain positions, removed inputs whose weights
+were not zero."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.export.graph_signature import OutputKind, TensorArgument
+
+from ..propagate import META_KEY
+from ..terms import Terms
+from ._sort import unique
+from .match import match
+from .space import LabelSpace, describe
+
+__all__ = ["Issue", "graph_points", "output_keys", "check_points", "match_outputs", "removed_nonzero"]
+
+
+@dataclass
+class Issue:
+    kind: str       # "normalisation", "softmax", "output", "removed input", "pruned units"
+    where: str      # node or parameter
+    message: str
+
+    def __str__(self) -> str:
+        return f"[{self.kind}] {self.where}: {self.message}"
+
+
+def _where(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    return f"%{node.name}" + (f" ({path})" if path else "")
+
+
+def _bound(node) -> dict:
+    schema = node.target._schema
+    names = [a.name for a in schema.arguments]
+    out = dict(zip(names, node.args))
+    out.update(node.kwargs)
+    return out
+
+
+_LAYER = {"aten::layer_norm", "aten::native_layer_norm", "aten::rms_norm", "aten::_fused_rms_norm"}
+_BATCH = {"aten::batch_norm", "aten::native_batch_norm", "aten::_native_batch_norm_legit",
+          "aten::_native_batch_norm_legit_functional", "aten::cudnn_batch_norm"}
+_GROUP = {"aten::group_norm", "aten::native_group_norm"}
+_ATTENTION = {"aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_attention_math"}
+_SOFTMAX = {"aten::softmax", "aten::_softmax", "aten::log_softmax", "aten::_log_softmax", "aten::_safe_softmax",
+            "aten::special_softmax"}
+
+
+def _keys(node):
+    if not isinstance(node, torch.fx.Node):
+        return None
+    lt = (node.meta.get(META_KEY) or {}).get("keys")
+    return lt if hasattr(lt, "ids") else None
+
+
+def graph_points(traced) -> list[tuple]:
+    """(kind, where, label ids of the mixed input, shape, axes mixed together) of every
+    normalisation in training and every softmax of the graph, read right after mapping."""
+    points = []
+    for node in traced.graph.nodes:
+        if node.op != "call_function" or not hasattr(node.target, "_schema"):
+            continue
+        name = node.target._schema.name
+        if name in _ATTENTION and len(node.args) >= 2:
+            q = _keys(node.args[0])
+            if q is not None:  # scores q . k sum over the head dimension
+                points.append(("attention", f"{name[6:]} at {_where(node)}", q.ids, [len(q.shape) - 1]))
+            continue
+        if name not in _LAYER | _BATCH | _GROUP | _SOFTMAX and name != "aten::instance_norm":
+            continue
+        lt = _keys(node.args[0]) if node.args else None
+        if lt is None:
+            continue
+        ids, shape, nd = lt.ids, tuple(lt.shape), len(lt.shape)
+        b = _bound(node)
+        if name in _LAYER:
+            k = len(b.get("normalized_shape", ()))
+            points.append(("normalisation", f"{name[6:]} at {_where(node)}", ids, list(range(nd - k, nd))))
+        elif name in _BATCH:
+            if name == "aten::_native_batch_norm_legit_no_training" or not b.get("training", False):
+                continue
+            points.append(("normalisation", f"batch_norm (training) at {_where(node)}", ids,
+                           [0] + list(range(2, nd))))
+        elif name == "aten::instance_norm":
+            points.append(("normalisation", f"instance_norm at {_where(node)}", ids, list(range(2, nd))))
+        elif name in _GROUP:
+            groups = int(b.get("num_groups", b.get("group", 1)))
+            c = shape[1]
+            if ids.shape[1] > 1:
+                ids = ids.expand([ids.shape[0], c] + list(ids.shape[2:])).reshape(
+                    [ids.shape[0], groups, c // groups] + list(ids.shape[2:]))
+            else:
+                ids = ids.reshape([ids.shape[0], 1, 1] + list(ids.shape[2:]))
+            points.append(("normalisation", f"group_norm at {_where(node)}", ids, list(range(2, ids.dim()))))
+        else:
+            dim = b.get("dim", -1)
+            points.append(("softmax", f"{name[6:]} at {_where(node)}", ids, [dim % nd] if nd else []))
+    return points
+
+
+def output_keys(traced) -> list:
+    """(shape, label ids) of each user output, in order (None for a non-tensor output)."""
+    out_node = next(n for n in traced.graph.nodes if n.op == "output")
+    args = out_node.args[0]
+    args = list(args) if isinstance(args, (tuple, list)) else [args]
+    result = []
+    for spec, arg in zip(traced.program.graph_signature.output_specs, args):
+        if spec.kind != OutputKind.USER_OUTPUT:
+            continue
+        if not isinstance(spec.arg, TensorArgument):
+            continue
+        lt = _keys(arg)
+        result.append(None if lt is None else (tuple(lt.shape), lt.ids))
+    return result
+
+
+def _new_flags(space: LabelSpace, ids: torch.Tensor) -> tuple[torch.Tensor, set]:
+    uniq, inv = unique(ids)
+    found = set()
+    flags = []
+    for sid in uniq.tolist():
+        new = space.tokens("new", sid) & space.new_only
+        found |= new
+        flags.append(bool(new))
+    return torch.tensor(flags, dtype=torch.bool).index_select(0, inv.reshape(-1)).reshape(ids.shape), found
+
+
+def check_points(space: LabelSpace, points) -> list[Issue]:
+    issues = []
+    for kind, where, ids, dims in points:
+        flags, new = _new_flags(space, ids)
+        if not new or not dims:
+            continue
+        f = flags.to(torch.int8)
+        mixed = f.amax(dim=dims) != f.amin(dim=dims)
+        if bool(mixed.any()):
+            if kind == "attention":
+                msg = (f"scores sum over old and new head dimensions ({describe(new, space)}): the new query "
+                       "and key rows change the attention weights, function preservation is impossible here")
+            elif kind == "softmax":
+                msg = (f"mixes old positions with new ones ({describe(new, space)}): the old outputs' "
+                       "normalisation changes, function preservation is impossible here")
+            else:
+                msg = (f"normalises old positions together with new ones ({describe(new, space)}): "
+                       "their statistics change, function preservation is impossible here")
+            issues.append(Issue(kind, where, msg))
+    return issues
+
+
+def _terms(shape, ids) -> Terms:
+    t = Terms(shape)
+    if ids is not None and bool((ids != 0).any()):
+        t.terms.append(ids.reshape([1] * (len(shape) - ids.dim()) + list(ids.shape)).contiguous())
+    return t
+
+
+def match_outputs(space: LabelSpace, old_outputs, new_outputs) -> tuple[list, list[Issue]]:
+    """Per new output: (index of the old output, Match of its positions) or None."""
+    matches, issues = [], []
+    for i, new in enumerate(new_outputs):
+        old = old_outputs[i] if i < len(old_outputs) else None
+        if new is None or old is None:
+            matches.append(None)
+            if new is not None:
+                issues.append(Issue("output", f"output {i}", "is new: the old model has no such output"))
+            continue
+        (ns, nids), (os_, oids) = new, old
+        m = match(space, ns, _terms(ns, nids), None, os_, _terms(os_, oids), None)
+        matches.append((i, m))
+        if m.unexplained or not m.copy:
+            if ns != os_:
+                issues.append(Issue("output", f"output {i}", f"changes shape {os_} -> {ns} in a way its labels "
+                                    "do not explain; it is not compared"))
+            continue
+        gained = _numel(ns) - m.n_copied()
+        if gained:
+            labels = describe(m.new_met, space) or "unlabelled positions"
+            issues.append(Issue("output", f"output {i}", f"gains {gained} elements ({labels}) that the old model "
+                                "has no value for; the old positions are preserved"))
+    return matches, issues
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def removed_nonzero(space: LabelSpace, name: str, m, old: torch.Tensor) -> Issue | None:
+    """An old parameter meets a removed feature, input or pruned unit with non-zero weights."""
+    if old is None or old.device.type == "meta" or m.old_shape is None or m.unexplained:
+        return None
+    if not (m.removed_data_all or any(bool(b.removed_data.any()) for b in m.blocks)):
+        return None
+    from .apply import _block_view
+    with torch.no_grad():
+        if m.removed_data_all:
+            peak = float(old.abs().max()) if old.numel() else 0.0
+        else:
+            view, _ = _block_view(old, m.blocks, "old_shape")
+            peak = 0.0
+            for d, b in enumerate(m.blocks):
+                idx = torch.nonzero(b.removed_data).reshape(-1)
+                if idx.numel():
+                    part = view.index_select(d, idx.to(view.device))
+                    if part.numel():
+                        peak = max(peak, float(part.abs().max()))
+    if peak == 0.0:
+        return None
+    labels = m.removed_met & space.removed_data
+    units = any(space.label(t).kind == "unit" for t in labels)
+    what = "pruned units" if units and all(space.label(t).kind == "unit" for t in labels) else "removed input"
+    return Issue(what, name, f"meets {describe(labels, space)}, which the new model lacks, with non-zero weights "
+                 f"(max |w| = {peak:.3g}): the new model computes what the old one did only where "
+                 f"{'these units are' if what == 'pruned units' else 'these inputs are'} zero")

@@ -1,0 +1,295 @@
+"""The surgery plan: which element of each new parameter comes from which old element.
+
+`plan(old, new)` maps both traced models, matches every new parameter and buffer with the old
+one of the same name (after `rename`), element by element through their keys, and lists where
+function preservation is impossible. `SurgeryPlan.apply()` builds the whole new state first
+and loads it last.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from ..capture import Traced, trace
+from ..interaction_map import interaction_map
+from .apply import build
+from .issues import Issue, check_points, graph_points, match_outputs, output_keys, removed_nonzero
+from .match import Match, match
+from .splits import unit_splits
+from .space import LabelSpace, SurgeryError, SurgeryWarning, _listing, check_rename, rename_prefix
+from . import report
+
+__all__ = ["SurgeryPlan", "ParamPlan", "plan", "transplant", "NEW_CATEGORIES"]
+
+NEW_CATEGORIES = ("zero", "mean", "keep")
+
+
+@dataclass
+class ParamPlan:
+    name: str                     # the new state_dict name (the first of tied names)
+    old_name: str | None          # the old state_dict name it is matched with
+    aliases: tuple                # every new state_dict name sharing this tensor
+    kind: str                     # "parameter" or "buffer"
+    match: Match
+    in_graph: bool = True         # False: not read by the graph, matched by name and shape only
+
+    @property
+    def status(self) -> str:
+        m = self.match
+        if m.unexplained:
+            return "re-initialised"
+        if self.old_name is None:
+            return "new"
+        if m.identity:
+            return "copied"
+        return "changed"
+
+
+class SurgeryPlan:
+    """What `plan` decided. `table()` shows it per parameter, `issues` lists where the new model
+    cannot compute what the old one did, `apply()` carries the weights over."""
+
+    def __init__(self, old: Traced, new: Traced, space: LabelSpace, params: dict, dropped: list,
+                 issues: list, outputs: list, new_categories: str, rename, units, timings: dict,
+                 notes: list):
+        self.old, self.new = old, new
+        self.space = space
+        self.params: dict[str, ParamPlan] = params
+        self.dropped: list[str] = dropped            # old names with no new counterpart
+        self.issues: list[Issue] = issues
+        self.outputs = outputs
+        self.new_categories = new_categories
+        self.rename, self.units = dict(rename or {}), dict(units or {})
+        self.timings = timings
+        self.notes = notes
+        self.applied = False
+        self.old_map = self.new_map = None   # the interaction maps (keys) the plan was made from
+
+    # reports --------------------------------------------------------------------------
+    @property
+    def new_labels(self) -> list:
+        return sorted({self.space.label(t) for t in self.space.new_only})
+
+    @property
+    def removed_labels(self) -> list:
+        return sorted({self.space.label(t) for t in self.space.removed})
+
+    @property
+    def preserves_function(self) -> bool:
+        """True when no place was found where the new model must compute something else."""
+        return not self.issues and not any(p.match.unexplained for p in self.params.values())
+
+    def table(self, tablefmt: str = "simple") -> str:
+        return report.table(self, tablefmt)
+
+    def summary(self) -> str:
+        """The totals, labels gained and lost, and the issues (the text under the table)."""
+        return report.summary(self)
+
+    def __str__(self) -> str:
+        return report.text(self)
+
+    def __repr__(self) -> str:
+        counts = report.counts(self)
+        return (f"SurgeryPlan({len(self.params)} parameters: {counts['copied']:,} elements copied, "
+                f"{counts['zeroed']:,} zeroed, {counts['kept']:,} kept, {counts['dropped']:,} dropped; "
+                f"{len(self.issues)} issues)")
+
+    # applying -------------------------------------------------------------------------
+    def apply(self, progress: Callable[[str, int, int], None] | None = None) -> torch.nn.Module:
+        """Builds the complete new state, then loads it into the new model (and returns it).
+        Nothing is written if anything fails; the old model is only read. `progress(name,
+        done, total)` is called after each parameter (element counts)."""
+        old_model, new_model = self.old.model, self.new.model
+        old_sd = old_model.state_dict()
+        new_sd = new_model.state_dict()
+        self._check_states(old_sd, new_sd)
+        state: dict[str, torch.Tensor] = {}
+        total = sum(int(new_sd[p.name].numel()) for p in self.params.values())
+        done = 0
+        with torch.no_grad():
+            for p in self.params.values():
+                old = old_sd[p.old_name] if p.old_name is not None else None
+                state[p.name] = build(p.match, old, new_sd[p.name], self.new_categories)
+                done += int(new_sd[p.name].numel())
+                if progress is not None:
+                    progress(p.name, done, total)
+        for name, t in state.items():
+            want = new_sd[name]
+            if tuple(t.shape) != tuple(want.shape):  # a bug guard: never load a wrong shape
+                raise SurgeryError(f"internal error: built {name} with shape {tuple(t.shape)}, "
+                                   f"expected {tuple(want.shape)}; nothing was written")
+        result = new_model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:  # cannot happen: keys come from new_model.state_dict()
+            raise SurgeryError(f"unexpected keys {result.unexpected_keys}")
+        self.applied = True
+        return new_model
+
+    def _check_states(self, old_sd, new_sd) -> None:
+        for p in self.params.values():
+            if p.name not in new_sd:
+                raise SurgeryError(f"the new model has no {p.name!r} any more; plan again (nothing was written)")
+            t = new_sd[p.name]
+            if tuple(t.shape) != p.match.new_shape:
+                raise SurgeryError(f"the new model's {p.name} has shape {tuple(t.shape)}, but the plan was made "
+                                   f"for {p.match.new_shape}; plan again (nothing was written)")
+            if t.device.type == "meta":
+                raise SurgeryError(f"the new model's {p.name} is on the meta device: it has no storage to write "
+                                   "into; build the new model on a real device (nothing was written)")
+            if p.old_name is None or not p.match.copy:
+                continue
+            o = old_sd.get(p.old_name)
+            if o is None:
+                raise SurgeryError(f"the old model has no {p.old_name!r} any more; plan again (nothing was written)")
+            if tuple(o.shape) != p.match.old_shape:
+                raise SurgeryError(f"the old model's {p.old_name} has shape {tuple(o.shape)}, but the plan was "
+                                   f"made for {p.match.old_shape}; plan again (nothing was written)")
+            if o.device.type == "meta":
+                raise SurgeryError(f"the old model's {p.old_name} is on the meta device: it has no weights to "
+                                   "copy; load its checkpoint first (nothing was written)")
+
+
+def _state_shapes(model: torch.nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, tuple]:
+    """state_dict name -> every name sharing its tensor (first name first)."""
+    by_id: dict[int, list[str]] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + \
+            list(model.named_buffers(remove_duplicate=False)):
+        by_id.setdefault(id(t), []).append(name)
+    return {n: tuple(names) for names in by_id.values() for n in names}
+
+
+def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
+         units: Mapping[str, list] | None = None, strict: bool = False,
+         new_categories: str = "zero") -> SurgeryPlan:
+    """Plans carrying the old model's weights into the new one.
+
+    rename: old name prefix -> new name prefix, for modules or parameters that were renamed
+        (hidden-axis groups named after them follow).
+    units: hidden-axis group -> the old unit positions that survive, in new order (pruning):
+        new unit k is old unit units[group][k]; without it units match by position.
+    strict: raise instead of re-initialising a parameter whose shape change its labels do not
+        explain.
+    new_categories: new embedding rows are "zero" (default), the "mean" of the old rows, or
+        "keep" the new model's values.
+    """
+    for what, t in (("old", old), ("new", new)):
+        if not isinstance(t, Traced):
+            raise SurgeryError(f"plan expects traced models (fs.trace(model, inputs, features)); the {what} "
+                               f"model is a {type(t).__name__}")
+    if new_categories not in NEW_CATEGORIES:
+        raise SurgeryError(f"new_categories must be one of {NEW_CATEGORIES}, got {new_categories!r}")
+    timings = {}
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*_flat_weights.*")
+        old_map = interaction_map(old)
+        old_outputs = output_keys(old)  # read now: mapping `new` may overwrite node metadata
+        old_splits = unit_splits(old, old_map.pool)
+        new_map = interaction_map(new)
+    new_outputs = output_keys(new)
+    new_splits = unit_splits(new, new_map.pool)
+    points = graph_points(new)
+    timings["map"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+
+    old_shapes, new_shapes = _state_shapes(old.model), _state_shapes(new.model)
+    old_names = sorted(set(old_shapes) | {a for e in old_map.entries.values() for a in e.aliases})
+    new_names = sorted(set(new_shapes) | {a for e in new_map.entries.values() for a in e.aliases})
+    check_rename(rename, old_names, new_names)
+    space = LabelSpace(old_map, new_map, rename, units, (old_splits, new_splits))
+
+    old_by_new: dict[str, str] = {}
+    for oname, e in old_map.entries.items():
+        for a in (e.aliases or (oname,)):
+            old_by_new.setdefault(rename_prefix(a, rename), oname)
+    params: dict[str, ParamPlan] = {}
+    used_old: set[str] = set()
+    notes: list[str] = []
+    problems = []
+    for nname, e in new_map.entries.items():
+        aliases = tuple(e.aliases or (nname,))
+        oname = next((old_by_new[a] for a in aliases if a in old_by_new), None)
+        if oname is not None:
+            oe = old_map.entries[oname]
+            used_old.add(oname)
+            m = match(space, e.shape, e.key_meets, e.key_aligned, oe.shape, oe.key_meets, oe.key_aligned)
+        else:
+            m = match(space, e.shape, e.key_meets, e.key_aligned)
+        params[nname] = ParamPlan(nname, oname, aliases, e.kind, m)
+        if m.unexplained:
+            problems.append(nname)
+    # State the graph does not read (unused parameters, untouched buffers): by name and shape.
+    covered = {a for p in params.values() for a in p.aliases}
+    new_alias = _aliases(new.model)
+    old_state_by_new = {rename_prefix(k, rename): k for k in old_shapes}
+    for key, shape in new_shapes.items():
+        if key in covered:
+            continue
+        names = new_alias.get(key, (key,))
+        covered.update(names)
+        okey = old_state_by_new.get(key)
+        if okey is not None and old_shapes[okey] == shape and okey not in used_old:
+            m = Match(new_shape=shape, old_shape=shape)
+            m.blocks = []
+            _identity_blocks(m, shape)
+            used_old.add(okey)
+        else:
+            m = Match(new_shape=shape, old_shape=None, copy=False)
+            okey = None
+        params[key] = ParamPlan(key, okey, names, "state", m, in_graph=False)
+    if not used_old:
+        raise SurgeryError(f"the old and new models have no parameter or buffer in common (old: "
+                           f"{_listing(old_names)}; new: {_listing(new_names)}); pass rename={{old prefix: new "
+                           "prefix}} if modules were renamed")
+    old_all = set(old_map.entries) | set(old_shapes)
+    old_alias = _aliases(old.model)
+    dropped = sorted(n for n in old_all if n not in used_old and
+                     not any(a in used_old for a in old_alias.get(n, (n,))))
+    if problems:
+        msgs = [f"{n}: {params[n].match.unexplained}" for n in problems]
+        if strict:
+            raise SurgeryError("the labels do not explain the shape change of " + "; ".join(msgs) +
+                               " (strict mode); relabel the inputs, pass units=..., or plan without strict "
+                               "to re-initialise them")
+        for msg in msgs:
+            warnings.warn(f"re-initialising {msg}", SurgeryWarning, stacklevel=2)
+
+    issues = check_points(space, points)
+    outputs, out_issues = match_outputs(space, old_outputs, new_outputs)
+    issues += out_issues
+    old_sd = old.model.state_dict()
+    for p in params.values():
+        if p.old_name is not None and p.in_graph:
+            issue = removed_nonzero(space, p.old_name, p.match, old_sd.get(p.old_name))
+            if issue is not None:
+                issues.append(issue)
+    if any(t.device.type == "meta" for t in old_sd.values()):
+        notes.append("the old model is on the meta device: removed inputs were not checked for non-zero weights")
+    timings["plan"] = time.perf_counter() - t0
+    result = SurgeryPlan(old, new, space, params, dropped, issues, outputs, new_categories, rename, units,
+                         timings, notes + list(dict.fromkeys(old_map.notes + new_map.notes)))
+    result.old_map, result.new_map = old_map, new_map
+    return result
+
+
+def _identity_blocks(m: Match, shape) -> None:
+    from .match import Block
+    for a, n in enumerate(shape):
+        none = torch.zeros(n, dtype=torch.bool)
+        m.blocks.append(Block(axes=(a,), old_shape=(n,), new_shape=(n,), index=torch.arange(n), zero=none,
+                              category=none, removed_data=none, removed=none))
+
+
+def transplant(old: torch.nn.Module, new: torch.nn.Module, old_inputs, new_inputs, old_features=None,
+               new_features=None, **plan_kwargs):
+    """The one-call form: traces both models, plans, applies. Returns (new model, plan)."""
+    p = plan(trace(old, old_inputs, old_features), trace(new, new_inputs, new_features), **plan_kwargs)
+    return p.apply(), p

@@ -1,0 +1,116 @@
+"""Unit axes that the graph splits into parts: the q/k/v thirds of a fused projection, the heads
+of an attention layer.
+
+A contraction numbers its output units by row (`attn.in_proj[r]`). When the graph later cuts
+that axis into equal parts (`unflatten(-1, (3, E))`, `chunk(3)`, `view(B, L, heads, head_dim)`),
+row r really is (part r // E, position r % E), and a widened model must be matched part by part,
+never by raw row number. This module reads those cuts off the mapped graph (the keys of each
+movement node's input and outputs) as chunk sizes per unit group: `{"attn.in_proj": [16, 4]}`
+says row r is (r // 16, r % 16 // 4, r % 4).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..propagate import META_KEY
+
+__all__ = ["unit_splits", "digits"]
+
+_RESHAPES = {"aten::view", "aten::_unsafe_view", "aten::reshape", "aten::unflatten", "aten::view_copy"}
+_SPLITS = {"aten::chunk", "aten::split", "aten::split_with_sizes", "aten::unsafe_split",
+           "aten::unsafe_split_with_sizes", "aten::tensor_split", "aten::unbind", "aten::split_copy",
+           "aten::split_with_sizes_copy", "aten::unbind_copy"}
+
+
+def _keys(node):
+    if not isinstance(node, torch.fx.Node):
+        return None
+    return (node.meta.get(META_KEY) or {}).get("keys")
+
+
+def _units_along(lt, pool, sizes):
+    """(group, first index, length) when the label ids vary along one axis only and hold
+    consecutive units of one group there (an axis cut out of a unit axis), else None."""
+    if lt is None or not hasattr(lt, "ids"):
+        return None
+    ids = lt.ids
+    vary = [d for d in range(ids.dim()) if ids.shape[d] > 1]
+    if len(vary) != 1:
+        return None
+    line = ids.reshape(-1).tolist()
+    labels = pool.labels
+    first = None
+    for k, sid in enumerate(line):
+        s = pool.sets[sid]
+        if len(s) != 1:
+            return None
+        lab = labels[next(iter(s))]
+        if lab.kind != "unit":
+            return None
+        if first is None:
+            first = lab
+        elif lab.group != first.group or lab.index != first.index + k:
+            return None
+    return first.group, first.index, len(line)
+
+
+def _inner(lt) -> int | None:
+    """Size of the innermost axis along which an output's ids vary (when several do)."""
+    if lt is None or not hasattr(lt, "ids"):
+        return None
+    vary = [d for d in range(lt.ids.dim()) if lt.ids.shape[d] > 1]
+    return lt.ids.shape[vary[-1]] if len(vary) >= 2 else None
+
+
+def unit_splits(traced, pool) -> dict[str, list[int]]:
+    """Per unit group, the chunk sizes its axis is cut into by the graph, outermost first."""
+    sizes: dict[str, int] = {}
+    for lab in pool.labels:
+        if lab.kind == "unit":
+            sizes[lab.group] = max(sizes.get(lab.group, 0), lab.index + 1)
+    found: dict[str, set[int]] = {}
+    for node in traced.graph.nodes:
+        if node.op != "call_function" or not hasattr(node.target, "_schema") or not node.args:
+            continue
+        name = node.target._schema.name
+        if name not in _RESHAPES and name not in _SPLITS:
+            continue
+        src = _units_along(_keys(node.args[0]), pool, sizes)
+        if src is None:
+            continue
+        group, first, n = src
+        out = _keys(node)
+        chunk = None
+        if name in _RESHAPES:
+            chunk = _inner(out)
+        else:
+            outs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if hasattr(o, "ids")]
+            lens = {_len_along(o, n) for o in outs}
+            if len(outs) > 1 and len(lens) == 1:
+                chunk = lens.pop()
+        if chunk and 1 < chunk < n and n % chunk == 0 and sizes[group] % chunk == 0:
+            found.setdefault(group, set()).add(int(chunk))
+    result = {}
+    for group, chunks in found.items():
+        ordered = sorted(chunks, reverse=True)
+        if all(a % b == 0 for a, b in zip(ordered, ordered[1:])):
+            result[group] = ordered
+    return result
+
+
+def _len_along(lt, n: int) -> int | None:
+    """Length of the one axis an output of a split varies along (its share of the unit axis)."""
+    vary = [d for d in range(lt.ids.dim()) if lt.ids.shape[d] > 1]
+    if len(vary) != 1:
+        return None
+    return int(lt.ids.shape[vary[0]])
+
+
+def digits(index: int, chunks: list[int]) -> tuple:
+    """Row `index` as (part, ..., position within the innermost part)."""
+    out = []
+    for c in chunks:
+        out.append(index // c)
+        index %= c
+    out.append(index)
+    return tuple(out)

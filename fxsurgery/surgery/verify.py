@@ -1,0 +1,213 @@
+"""Checking a transplant: old and new model on the same random inputs.
+
+Inputs are drawn for the new model; the old model gets the same values where the inputs mean
+the same thing: shared features at their old positions (found by name along the labelled
+axis), removed features zero, shared categories translated to their old values (new categories
+are never drawn), unlabelled inputs the same values, and an input the new model lacks zero.
+Outputs are compared on the positions the old and new output have in common (found through
+the output nodes' keys).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tabulate import tabulate
+from torch.utils._pytree import tree_flatten
+
+from ..labels import Categories, Features
+from .apply import select_matched
+from .space import SurgeryError
+
+__all__ = ["verify", "Verification", "OutputDeviation"]
+
+
+@dataclass
+class OutputDeviation:
+    output: int
+    old_shape: tuple | None
+    new_shape: tuple
+    compared: int = 0            # elements compared per trial
+    max_abs: float = 0.0         # largest |new - old|
+    scale: float = 0.0           # largest |old|
+    note: str = ""
+
+    @property
+    def relative(self) -> float:
+        if self.compared == 0:
+            return float("nan")
+        return self.max_abs / self.scale if self.scale > 0 else self.max_abs
+
+
+@dataclass
+class Verification:
+    outputs: list = field(default_factory=list)
+    trials: int = 0
+    notes: list = field(default_factory=list)
+
+    @property
+    def max(self) -> float:
+        """The largest relative deviation over the outputs compared."""
+        vals = [o.relative for o in self.outputs if o.compared]
+        return max(vals) if vals else float("nan")
+
+    def __float__(self) -> float:
+        return self.max
+
+    def __getitem__(self, i) -> float:
+        return self.outputs[i].relative
+
+    def __len__(self) -> int:
+        return len(self.outputs)
+
+    def ok(self, tol: float = 1e-5) -> bool:
+        return all(o.compared and o.relative <= tol for o in self.outputs)
+
+    def __str__(self) -> str:
+        rows = [[o.output, "x".join(map(str, o.old_shape)) if o.old_shape is not None else "-",
+                 "x".join(map(str, o.new_shape)), o.compared, f"{o.max_abs:.3g}", f"{o.scale:.3g}",
+                 f"{o.relative:.3g}", o.note] for o in self.outputs]
+        text = tabulate(rows, headers=["output", "old shape", "new shape", "compared", "max |new-old|",
+                                       "max |old|", "relative", "note"])
+        text += f"\n\nlargest relative deviation over {self.trials} random inputs: {self.max:.3g}"
+        if self.notes:
+            text += "\n" + "\n".join(f"- {n}" for n in self.notes)
+        return text
+
+    def __repr__(self) -> str:
+        return f"Verification(max relative deviation {self.max:.3g} over {self.trials} trials, {len(self.outputs)} outputs)"
+
+
+def _dim(desc: Features, ndim: int) -> int:
+    return desc.dim % ndim
+
+
+def _draw(example: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    shape, dtype = tuple(example.shape), example.dtype
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    if dtype.is_complex:
+        return torch.randn(shape, generator=g, dtype=dtype)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    lo = int(example.min()) if example.numel() else 0
+    hi = int(example.max()) if example.numel() else 0
+    return torch.randint(lo, hi + 1, shape, generator=g, dtype=dtype)
+
+
+def _inputs(plan, g: torch.Generator, notes: list):
+    old_t, new_t = plan.old, plan.new
+    new_vals, old_vals = {}, {}
+    for name, ex in zip(new_t.input_names, new_t.inputs):
+        desc = new_t.descriptions.get(name)
+        old_desc = old_t.descriptions.get(name) if name in old_t.input_names else None
+        old_ex = old_t.inputs[old_t.input_names.index(name)] if name in old_t.input_names else None
+        if isinstance(desc, Categories):
+            shared = [c for c in desc.names if isinstance(old_desc, Categories) and c in old_desc.names]
+            if not shared:
+                if old_ex is not None:
+                    notes.append(f"input {name!r}: no category in common with the old model; drawn at random")
+                new_vals[name] = _draw(ex, g)
+                continue
+            pick = torch.randint(len(shared), tuple(ex.shape), generator=g)
+            new_vals[name] = torch.tensor([desc.names.index(c) for c in shared], dtype=ex.dtype)[pick]
+            old_vals[name] = torch.tensor([old_desc.names.index(c) for c in shared], dtype=old_ex.dtype)[pick]
+            continue
+        x = _draw(ex, g)
+        new_vals[name] = x
+        if old_ex is None:
+            continue
+        if isinstance(desc, Features) and isinstance(old_desc, Features):
+            d_new, d_old = _dim(desc, x.dim()), _dim(old_desc, old_ex.dim())
+            if d_new != d_old or x.dim() != old_ex.dim():
+                raise SurgeryError(f"input {name!r}: the old model labels axis {d_old} and the new one axis "
+                                   f"{d_new}; verify needs the same labelled axis")
+            where = {n: i for i, n in enumerate(desc.names)}
+            idx = torch.tensor([where.get(n, -1) for n in old_desc.names], dtype=torch.int64)
+            y = x.index_select(d_new, idx.clamp(min=0))
+            gone = torch.nonzero(idx < 0).reshape(-1)
+            if gone.numel():
+                y.index_fill_(d_new, gone, 0)
+            old_vals[name] = y.to(old_ex.dtype)
+        elif tuple(old_ex.shape) == tuple(x.shape):
+            old_vals[name] = x.to(old_ex.dtype)
+        else:
+            raise SurgeryError(f"input {name!r} changes shape {tuple(old_ex.shape)} -> {tuple(x.shape)} without "
+                               "feature labels on both sides; verify cannot tell which values correspond")
+    for name, ex in zip(old_t.input_names, old_t.inputs):
+        if name not in old_vals:  # an input (or categories) the new model lacks: zero
+            old_vals[name] = torch.zeros_like(ex)
+            if isinstance(old_t.descriptions.get(name), Categories):
+                notes.append(f"input {name!r}: no category in common with the new model; fed category 0")
+    old_args = tuple(old_vals[n].to(ex.device) for n, ex in zip(old_t.input_names, old_t.inputs))
+    new_args = tuple(new_vals[n].to(ex.device) for n, ex in zip(new_t.input_names, new_t.inputs))
+    return old_args, new_args
+
+
+def _tensors(out) -> list:
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+class _Frozen:
+    """Runs a model without letting it change its buffers (batch norm in training mode)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.saved = [(b, b.detach().clone()) for b in self.model.buffers()]
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for b, v in self.saved:
+                b.copy_(v)
+
+
+def verify(plan, n: int = 8, seed: int = 0) -> Verification:
+    """Runs old and new model on `n` random inputs (shaped like the example inputs) and returns
+    the largest relative deviation of each output: max |new - old| / max |old| over the
+    positions both outputs have."""
+    result = Verification(trials=n)
+    for what, model in (("old", plan.old.model), ("new", plan.new.model)):
+        if any(t.device.type == "meta" for t in model.state_dict().values()):
+            raise SurgeryError(f"the {what} model is on the meta device: it has no weights to run")
+    if not plan.applied:
+        result.notes.append("the plan has not been applied: the new model holds its own weights")
+    old_model, new_model = plan.old.model, plan.new.model
+    devs = {}
+    with torch.no_grad(), _Frozen(old_model), _Frozen(new_model), torch.random.fork_rng(devices=[]):
+        for trial in range(n):
+            g = torch.Generator().manual_seed(seed + trial)
+            old_args, new_args = _inputs(plan, g, result.notes)
+            torch.manual_seed(seed + trial)
+            old_out = _tensors(old_model(*old_args))
+            torch.manual_seed(seed + trial)
+            new_out = _tensors(new_model(*new_args))
+            for i, y in enumerate(new_out):
+                d = devs.get(i)
+                m = plan.outputs[i] if i < len(plan.outputs) else None
+                x = old_out[i] if i < len(old_out) else None
+                if d is None:
+                    d = devs[i] = OutputDeviation(i, tuple(x.shape) if x is not None else None, tuple(y.shape))
+                if x is None:
+                    d.note = "the old model has no such output"
+                    continue
+                if m is not None and m[1].copy and not m[1].unexplained:
+                    a, b = select_matched(m[1], x, y)
+                    if not m[1].identity:
+                        d.note = "compared on the old positions"
+                elif x.shape == y.shape:
+                    a, b = x, y
+                    if m is not None:
+                        d.note = "positions compared by index (their labels differ)"
+                else:
+                    d.note = "shapes differ and no position could be matched: not compared"
+                    continue
+                a, b = a.double(), b.double()
+                d.compared = int(b.numel())
+                if b.numel():
+                    d.max_abs = max(d.max_abs, float((b - a).abs().max()))
+                    d.scale = max(d.scale, float(a.abs().max()))
+    result.outputs = [devs[i] for i in sorted(devs)]
+    result.notes = list(dict.fromkeys(result.notes))
+    return result
