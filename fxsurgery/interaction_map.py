@@ -14,6 +14,7 @@ from typing import Iterable
 import torch
 from tabulate import tabulate
 
+from ._sort import unique
 from .capture import Traced
 from .labels import Label, SetPool
 from .propagate import LabelPropagator
@@ -204,7 +205,7 @@ def compare(a: InteractionMap, b: InteractionMap, subset: bool = False) -> Diffe
             continue
         n = max(len(b.pool.sets), 1)
         pair = da.reshape(-1) * n + db.reshape(-1)
-        uniq, inverse = torch.unique(pair, return_inverse=True)
+        uniq, inverse = unique(pair)
         for k, p in enumerate(uniq.tolist()):
             ia, ib = divmod(p, n)
             la = {a.pool.labels[i] for i in a.pool.sets[ia]}

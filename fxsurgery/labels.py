@@ -11,6 +11,8 @@ from typing import Iterable, NamedTuple, Sequence
 
 import torch
 
+from ._sort import unique, unique_values
+
 __all__ = ["Label", "Features", "Categories", "SetPool", "EMPTY"]
 
 EMPTY = 0  # id of the empty set in every pool
@@ -190,7 +192,7 @@ class SetPool:
             return a.contiguous()
         n = len(self.sets)
         pair = (a.reshape(-1) * n + b.reshape(-1))
-        uniq, inverse = torch.unique(pair, return_inverse=True)
+        uniq, inverse = unique(pair)
         ua, ub = (uniq // n).tolist(), (uniq % n).tolist()
         out = torch.tensor([self.union(x, y) for x, y in zip(ua, ub)], dtype=torch.int64)
         return out[inverse].reshape(a.shape)
@@ -221,7 +223,7 @@ class SetPool:
         """For each segment s in range(n_segments), the union of ids[segment == s]."""
         ids, segment = ids.reshape(-1), segment.reshape(-1)
         n = len(self.sets)
-        uniq = torch.unique(segment * n + ids)
+        uniq = unique_values(segment * n + ids)
         segs, vals = (uniq // n).tolist(), (uniq % n).tolist()
         out = [EMPTY] * n_segments
         for s, v in zip(segs, vals):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from .._sort import unique
 from ..label_tensor import LabelTensor, ParamRef, compress
 from ._ops import ops
 from .helpers import reduce_to
@@ -76,7 +77,7 @@ def masked_union(ctx, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         cum = _scan(ctx, x.flip(-2), x.dim() - 2).flip(-2)
         out = cum.index_select(x.dim() - 2, (S - counts).clamp(max=S - 1))
     else:                                                                  # one union per distinct row
-        rows, inverse = torch.unique(allowed, dim=0, return_inverse=True)
+        rows, inverse = unique(allowed, dim=0)
         parts = []
         for r in rows:
             sel = torch.nonzero(r).reshape(-1)

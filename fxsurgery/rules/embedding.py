@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..label_tensor import LabelTensor, ParamRef
+from .._sort import unique
 from ..labels import EMPTY
 from ._ops import ops
 from .contractions import unit_group
@@ -97,6 +98,6 @@ def one_hot(ctx, index, num_classes=-1):
 
 def _without_categories(ctx, index: LabelTensor) -> torch.Tensor:
     pool = ctx.pool
-    uniq, inv = torch.unique(index.ids, return_inverse=True)
+    uniq, inv = unique(index.ids)
     keep = [pool.intern(l for l in pool.sets[int(u)] if pool.labels[l].kind != "category") for u in uniq.tolist()]
     return torch.tensor(keep, dtype=torch.int64)[inv]

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ._sort import searchsorted
+from .._sort import searchsorted
 from .match import Match
 
 __all__ = ["build", "select_matched", "RUN_LIMIT"]

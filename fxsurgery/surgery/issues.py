@@ -10,7 +10,7 @@ from torch.export.graph_signature import OutputKind, TensorArgument
 
 from ..propagate import META_KEY
 from ..terms import Terms
-from ._sort import unique
+from .._sort import unique
 from .match import match
 from .space import LabelSpace, describe
 

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..labels import Label
-from ._sort import isin, unique
+from .._sort import isin, unique
 from .splits import digits
 
 __all__ = ["SurgeryError", "SurgeryWarning", "LabelSpace", "rename_prefix", "describe"]
