@@ -26,13 +26,19 @@ from .labels import EMPTY, Categories, Features, Label, SetPool
 from .rules.registry import REGISTRY, RuleRegistry
 from .terms import Terms
 
-__all__ = ["LabelPropagator", "RuleError", "UnknownOperatorWarning", "input_labels", "META_KEY"]
+__all__ = ["LabelPropagator", "RuleError", "NotCovered", "UnknownOperatorWarning", "input_labels", "META_KEY"]
 
 META_KEY = "fxsurgery"
 
 
 class RuleError(RuntimeError):
     """A rule failed or returned something that does not fit its operator's output."""
+
+
+class NotCovered(Exception):
+    """Raised by a rule for an argument combination it does not model (a repeated einsum
+    letter on a parameter, a data-dependent index into an operator that needs constants):
+    the engine then uses the sound fallback and warns, naming the case."""
 
 
 class UnknownOperatorWarning(UserWarning):
@@ -198,6 +204,8 @@ class LabelPropagator(torch.fx.Interpreter):
         else:
             try:
                 result = rule(ctx, *args, **kwargs)
+            except NotCovered as why:
+                result = self._fallback(target, args, kwargs, f"the rule for {target} does not cover {why}")
             except RuleError:
                 raise
             except Exception as err:  # noqa: BLE001 - re-raised with the rule and node named

@@ -24,20 +24,20 @@ EXAMPLES = int(os.environ.get("FXSURGERY_EXAMPLES", "200"))
 RECURRENT = (torch.ops.aten.lstm.input, torch.ops.aten.gru.input)
 
 
-def zero_state_single_step(traced, diff) -> str | None:
-    """Named divergence: a recurrent layer run for one step from the constant zero state.
-    W_hh @ 0 and the forget gate times c0 = 0 vanish at every point, so those weights meet
-    nothing in the gradient map; the boolean rule keeps the structural meeting."""
+def zero_initial_state(traced, diff) -> str | None:
+    """Named divergence: a recurrent layer started from the constant zero state. At the first
+    step W_hh @ 0 and the forget gate times c0 = 0 vanish at every point, so a weight whose
+    only other contributions meet structural zeros (padding, a single step) meets nothing in
+    the gradient map; the fused recurrent rule keeps the structural meeting."""
     params = set()
     for node in traced.graph.nodes:
         if node.target in RECURRENT:
-            x, batch_first = node.args[0], node.args[-1]
-            steps = x.meta["val"].shape[1 if batch_first else 0] if x.meta["val"].dim() == 3 else x.meta["val"].shape[0]
-            if steps == 1:
+            states = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+            if all(getattr(s, "target", None) == torch.ops.aten.zeros.default for s in states):
                 params |= {traced.canonical(traced.placeholders[p.name][1]) for p in node.args[2]}
     names = {row[0] for row in diff.rows}
     if names and names <= params:
-        return "recurrent layer, one step from a zero state"
+        return "recurrent layer started from the zero state"
     return None
 
 
@@ -57,7 +57,7 @@ def check_equivalence(built, registry=fs.REGISTRY):
     diff = fs.compare(boolean, more, subset=True)
     if not diff:
         return
-    reason = zero_state_single_step(traced, diff)
+    reason = zero_initial_state(traced, diff)
     assert reason, f"the maps differ and no named divergence explains it:\n{diff}"
 
 

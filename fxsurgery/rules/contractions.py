@@ -136,11 +136,18 @@ def mv(ctx, a, v):
     return contract(ctx, "ij,j->i", [a, v])
 
 
-@register(*ops("dot.default", "vdot.default", "inner.default"), family="contraction")
+@register(*ops("dot.default", "vdot.default"), family="contraction")
 def dot(ctx, a, b):
-    if a.ndim == 1 and b.ndim == 1:
-        return contract(ctx, "i,i->", [a, b])
-    return matmul(ctx, a, b)
+    return contract(ctx, "i,i->", [a, b])
+
+
+@register(*ops("inner.default"), family="contraction")
+def inner(ctx, a, b):
+    """Contracts the last axes: out[I, J] = sum_k a[I, k] b[J, k]."""
+    if a.ndim == 0 or b.ndim == 0:  # a scalar operand: a plain product
+        return elementwise(ctx, a, b)
+    la, lb = _letters(a.ndim - 1, "k"), _letters(a.ndim - 1 + b.ndim - 1, "k")[a.ndim - 1:]
+    return contract(ctx, f"{la}k,{lb}k->{la}{lb}", [a, b])
 
 
 @register(*ops("outer.default", "ger.default"), family="contraction")
@@ -195,5 +202,17 @@ def einsum(ctx, equation, operands, path=None):
     ell = "".join(free[:n_ell])
     parts = [p.replace("...", ell[n_ell - (op.ndim - len(p.replace("...", ""))):]) for op, p in zip(operands, parts)]
     out = out.replace("...", ell)
+    operands = list(operands)
+    for k, (op, p) in enumerate(zip(operands, parts)):
+        while len(set(p)) < len(p):  # a repeated letter: take that diagonal first
+            if op.is_param:
+                from ..propagate import NotCovered
+                raise NotCovered("a repeated einsum letter on a parameter operand")
+            c = next(c for c in p if p.count(c) > 1)
+            i, j = p.index(c), p.index(c, p.index(c) + 1)
+            ids = op.ids.expand(op.shape).diagonal(dim1=i, dim2=j)
+            p = "".join(ch for n, ch in enumerate(p) if n not in (i, j)) + c
+            op = LabelTensor(ids, ids.shape)
+        operands[k], parts[k] = op, p
     # Broadcast ellipsis dims of size 1 are fine: _arrange pads and reduce_to undoes them.
-    return contract(ctx, ",".join(parts) + "->" + out, list(operands))
+    return contract(ctx, ",".join(parts) + "->" + out, operands)

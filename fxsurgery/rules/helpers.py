@@ -73,12 +73,15 @@ def _broadcast_refs(op: LabelTensor, shape) -> tuple:
     return tuple(refs)
 
 
-def elementwise(ctx, *operands, additive: Sequence[int] = (), ignore: Sequence[int] = ()) -> LabelTensor:
+def elementwise(ctx, *operands, additive: Sequence[int] = (), ignore: Sequence[int] = (),
+                meets: dict | None = None) -> LabelTensor:
     """Element-wise operator over broadcast operands (scalars allowed).
 
-    `additive` lists operand positions that enter linearly and alone (x + p, x - p): such a
-    parameter meets nothing, its mixed derivative being zero. `ignore` lists operands whose
-    derivative is zero (a `where` condition, a mask): they add no dependence.
+    `additive` lists operand positions that enter linearly and alone (x + p, x - p) or only
+    select (max(x, p)): such a parameter meets nothing, its mixed derivative being zero.
+    `ignore` lists operands whose derivative is zero (a `where` condition, a mask): they add
+    no dependence. `meets` maps an operand position to the positions it meets when that is
+    not "all the others" (lerp's endpoints meet only the weight).
     """
     shape = ctx.out_shape()
     tensors = [(i, op) for i, op in enumerate(operands) if isinstance(op, LabelTensor)]
@@ -91,10 +94,11 @@ def elementwise(ctx, *operands, additive: Sequence[int] = (), ignore: Sequence[i
         refs = tuple(r for _, op in params for r in _broadcast_refs(op, shape))
         return LabelTensor(ids, shape, refs)
     for i, op in params:
+        partners = meets.get(i, ()) if meets is not None else None
         others = [o.ids.reshape([1] * (len(shape) - o.ids.dim()) + list(o.ids.shape))
-                  for j, o in live if j != i]
-        meets = full_ids(op.shape) if i in additive or not others else reduce_to(ctx, union(ctx, *others), op.shape)
-        ctx.meet(op, meets, reduce_to(ctx, ids, op.shape))
+                  for j, o in live if j != i and (partners is None or j in partners)]
+        met = full_ids(op.shape) if i in additive or not others else reduce_to(ctx, union(ctx, *others), op.shape)
+        ctx.meet(op, met, reduce_to(ctx, ids, op.shape))
     return LabelTensor(compress(ids), shape)
 
 

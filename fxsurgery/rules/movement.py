@@ -25,7 +25,7 @@ MOVES = ops(
     "unfold.default", "pixel_shuffle.default", "pixel_unshuffle.default", "channel_shuffle.default",
     "native_channel_shuffle.default", "upsample_nearest1d.vec", "upsample_nearest2d.vec",
     "upsample_nearest3d.vec", "upsample_nearest1d.default", "upsample_nearest2d.default",
-    "upsample_nearest3d.default", "_unsafe_index.Tensor", "view_as.default", "reshape_as.default",
+    "upsample_nearest3d.default", "view_as.default", "reshape_as.default",
     "broadcast_to.default", "rot90.default", "diag_embed.default", "tensor_split.indices",
     "tensor_split.sections", "split.sizes", "alias_copy.default", "view_copy.default",
     "permute_copy.default", "slice_copy.Tensor", "select_copy.int", "unsqueeze_copy.default",
@@ -34,7 +34,7 @@ MOVES = ops(
     "atleast_2d.default", "atleast_3d.default", "reflection_pad1d.default", "reflection_pad2d.default",
     "reflection_pad3d.default", "replication_pad1d.default", "replication_pad2d.default",
     "replication_pad3d.default", "slice_scatter.default", "select_scatter.default",
-    "diagonal_scatter.default", "index_copy.default",
+    "diagonal_scatter.default",
 )
 
 
@@ -92,20 +92,40 @@ def gather(ctx, x, dim, index, sparse_grad=False):
     return _data_gather(ctx, x, dim, index)
 
 
-@register(*ops("index.Tensor"), family="movement")
+@register(*ops("index_copy.default"), family="movement")
+def index_copy(ctx, x, dim, index, source):
+    if index.const is None:
+        from ..propagate import NotCovered
+        raise NotCovered("a data-dependent index")
+    return movement(ctx, ctx.node.target, (x, dim, index.const, source), {})
+
+
+@register(*ops("index.Tensor", "_unsafe_index.Tensor"), family="movement")
 def index(ctx, x, indices):
     if all(i is None or i.const is not None for i in indices):
         consts = [None if i is None else i.const for i in indices]
         return movement(ctx, ctx.node.target, (x, consts), {})
     used = [d for d, i in enumerate(indices) if i is not None]
-    if len(used) == 1 and used[0] == 0 and x.is_param and len(indices) == 1:
-        from .embedding import lookup
-        return lookup(ctx, x, indices[0], dim=0)
-    # Sound: each output element may come from any position along the indexed axes.
+    if len(used) == 1:
+        d, idx = used[0], indices[used[0]]
+        if x.is_param and x.is_free:
+            if d == 0 and len(indices) == 1:
+                from .embedding import lookup
+                return lookup(ctx, x, idx, dim=0)
+            from ..propagate import NotCovered
+            raise NotCovered("a parameter indexed by data along an inner axis")
+        # y[..., k..., :] = x[..., idx[k...], :]: the union along the indexed axis, with the
+        # index's own labels on the axes it brings.
+        shape = ctx.out_shape()
+        along = ctx.pool.reduce_ids(x.ids, [d], keepdim=False)
+        along = along.reshape(list(along.shape[:d]) + [1] * idx.ndim + list(along.shape[d:]))
+        idx_ids = idx.ids.reshape([1] * d + list(idx.ids.shape) + [1] * (x.ndim - d - 1))
+        return LabelTensor(ctx.pool.union_ids(along, idx_ids), shape)
+    # Several data indices broadcast together: sound, each output element may come from any
+    # position along the indexed axes.
     shape = ctx.out_shape()
-    total = ctx.pool.reduce_ids(x.ids, used, keepdim=False) if used else x.ids
     everything = ctx.pool.union_many([x.total(ctx.pool)] + [i.total(ctx.pool) for i in indices if i is not None])
-    refs = tuple(ParamRef(r.name, r.shape, everything=True) for r in x.refs) if x.is_free else ()
-    if x.is_param and not x.is_free:
-        ctx.meet(x, reduce_to(ctx, torch.tensor(everything).reshape([1] * x.ndim), x.shape))
-    return LabelTensor(torch.tensor(everything).reshape([1] * len(shape)), shape, refs)
+    if x.is_param:
+        from ..propagate import NotCovered
+        raise NotCovered("a parameter indexed by several data indices")
+    return LabelTensor(torch.tensor(everything).reshape([1] * len(shape)), shape)

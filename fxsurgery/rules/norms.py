@@ -20,14 +20,27 @@ def _onto(ctx, ids: torch.Tensor, view, axes) -> torch.Tensor:
     return ids.reshape([ids.shape[d] for d in axes])
 
 
-def _affine(ctx, normalised: LabelTensor, weight, bias, view, axes) -> None:
-    """A scale meets the normalised value where it multiplies it; a shift is only added and
-    meets nothing. Both are aligned with the positions they scale or shift."""
+def _affine(ctx, normalised: LabelTensor, weight, bias, view, axes) -> LabelTensor:
+    """The output of `normalised * weight + bias`. A parameter scale meets the normalised
+    value where it multiplies it; a shift is only added and meets nothing; both are aligned
+    with the positions they scale or shift. A scale or shift that is data adds its labels."""
+    out = normalised
+    for p in (weight, bias):
+        if isinstance(p, LabelTensor) and not p.is_param and not p.is_free:
+            out = LabelTensor(ctx.pool.union_ids(out.ids, _lay(p.ids, len(view), axes)), out.shape)
     for p, meets in ((weight, True), (bias, False)):
         if isinstance(p, LabelTensor) and p.is_param:
-            ids = _onto(ctx, normalised.ids, view, axes)
-            empty = torch.zeros([1] * p.ndim, dtype=torch.int64)
-            ctx.meet(p, ids if meets else empty, ids)
+            met = _onto(ctx, normalised.ids, view, axes) if meets else torch.zeros([1] * p.ndim, dtype=torch.int64)
+            ctx.meet(p, met, _onto(ctx, out.ids, view, axes))
+    return out
+
+
+def _lay(ids: torch.Tensor, ndim: int, axes) -> torch.Tensor:
+    """A per-position parameter's ids placed on `axes` of an `ndim`-dimensional value."""
+    shape = [1] * ndim
+    for a, size in zip(axes, ids.shape):
+        shape[a] = size
+    return ids.reshape(shape)
 
 
 def _channel_view(x: LabelTensor):
@@ -42,7 +55,7 @@ def layer_norm(ctx, x, normalized_shape, weight=None, bias=None, *args, **kwargs
     k = len(normalized_shape)
     dims = list(range(x.ndim - k, x.ndim))
     out = mixing(ctx, x, dims)
-    _affine(ctx, out, weight, bias, [1] * (x.ndim - k) + list(normalized_shape), dims)
+    out = _affine(ctx, out, weight, bias, [1] * (x.ndim - k) + list(normalized_shape), dims)
     if isinstance(ctx.out, (tuple, list)):  # native_layer_norm: (out, mean, rstd)
         stats = ctx.pool.reduce_ids(x.ids, dims, keepdim=True)
         return tuple([out] + [LabelTensor(stats, v.shape) for v in ctx.out[1:]])
@@ -70,17 +83,36 @@ def batch_norm(ctx, x, weight=None, bias=None, running_mean=None, running_var=No
         out = mixing(ctx, x, groups)
     else:
         out = LabelTensor(x.ids, x.shape)  # a per-channel affine map
-    _affine(ctx, out, weight, bias, view, [1])
-    # Running statistics: in evaluation the mean is only subtracted (meets nothing) while the
-    # variance divides the centred input (meets it); in training they do not touch the output.
-    for stat, meets in ((running_mean, False), (running_var, not training)):
+    out = _affine(ctx, out, weight, bias, view, [1])
+    pool = ctx.pool
+    w_ids = weight.ids.reshape(-1) if isinstance(weight, LabelTensor) and not weight.is_param \
+        else torch.zeros([1], dtype=torch.int64)  # a data scale's labels, per channel
+    channel = _onto(ctx, x.ids, view, [1])  # what each channel of x depends on
+    # Running statistics. In evaluation y = (x - rm) / sqrt(rv + eps) * w + b: the mean is
+    # subtracted, so it meets only a data scale; the variance divides the centred input, so
+    # it meets x's channel and the scale. In training they do not touch the output.
+    for stat, met in ((running_mean, w_ids), (running_var, pool.union_ids(channel, w_ids))):
         if isinstance(stat, LabelTensor) and stat.is_param:
-            ids = _onto(ctx, out.ids, view, [1])
-            ctx.meet(stat, ids if meets else torch.zeros([1] * stat.ndim, dtype=torch.int64), ids)
-    if isinstance(ctx.out, (tuple, list)):
-        rest = [LabelTensor.empty(v.shape) if isinstance(v, torch.Tensor) else v for v in ctx.out[1:]]
-        return tuple([out] + rest)
-    return out
+            ctx.meet(stat, met if not training else torch.zeros([1], dtype=torch.int64),
+                     _onto(ctx, out.ids, view, [1]))
+    if not isinstance(ctx.out, (tuple, list)):
+        return out
+    # Saved batch statistics (and, functional variant, the updated running ones) depend on
+    # x's channel across batch and space; in evaluation the saved ones are empty.
+    stats = channel if training else torch.zeros([1], dtype=torch.int64)
+    rest = []
+    for k, v in enumerate(ctx.out[1:], start=1):
+        if not isinstance(v, torch.Tensor):
+            rest.append(v)
+        elif v.numel() == 0 or not training:
+            rest.append(LabelTensor.empty(v.shape))
+        elif k >= 3:  # new running mean / var: (1 - m) * old + m * batch statistic
+            old = (running_mean, running_var)[k - 3]
+            ids = stats if not isinstance(old, LabelTensor) or old.is_param else pool.union_ids(stats, old.ids)
+            rest.append(LabelTensor(ids, v.shape))
+        else:
+            rest.append(LabelTensor(stats, v.shape))
+    return tuple([out] + rest)
 
 
 @register(*ops("group_norm.default", "native_group_norm.default"), family="norm")
@@ -102,7 +134,9 @@ def group_norm(ctx, x, *args, **kwargs):
             [mixed.shape[0], c if mixed.shape[1] > 1 else c] + [1] * (x.ndim - 2)) if mixed.shape[1] > 1 \
             else mixed.reshape([mixed.shape[0], 1] + [1] * (x.ndim - 2))
         out = LabelTensor(mixed, x.shape)
-    _affine(ctx, out, weight, bias, _channel_view(x), [1])
-    if isinstance(ctx.out, (tuple, list)):
-        return tuple([out] + [LabelTensor.empty(v.shape) for v in ctx.out[1:]])
+    out = _affine(ctx, out, weight, bias, _channel_view(x), [1])
+    if isinstance(ctx.out, (tuple, list)):  # native_group_norm: (out, mean, rstd), each [N, G]
+        per_group = ctx.pool.reduce_ids(ids, [2] + list(range(3, ids.dim())), keepdim=False)
+        per_group = per_group.reshape(per_group.shape[:2])
+        return tuple([out] + [LabelTensor(per_group, v.shape) for v in ctx.out[1:]])
     return out
