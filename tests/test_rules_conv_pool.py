@@ -24,8 +24,8 @@ from fxsurgery.labels import EMPTY, Label, SetPool
 from fxsurgery.propagate import LabelPropagator
 from fxsurgery.rules import REGISTRY
 from fxsurgery.rules._ops import ops
-from fxsurgery.rules.windows import (adaptive_windows, conv_axis, conv_output_size, pool_output_size,
-                                     pool_windows, same_padding, window_union)
+from fxsurgery.rules.windows import (adaptive_windows, conv_axis, conv_output_size, interpolation_windows,
+                                     pool_output_size, pool_windows, same_padding, window_union)
 
 aten = torch.ops.aten
 
@@ -426,13 +426,13 @@ def _boolean(fn, data_shapes, params):
     return as_bool(out.ids, out.shape), meets
 
 
-def _autodiff(fn, data_shapes, params, trials):
+def _autodiff(fn, data_shapes, params, trials, dtype=torch.float32):
     """Non-zero patterns of the Jacobian and of each parameter's mixed derivative, united over
     `trials` random points (inputs, parameters and cotangent), vectorised with vmap."""
     torch.manual_seed(0)
     sizes = [torch.Size(s).numel() for s in data_shapes]
-    flat = torch.randn(trials, sum(sizes))
-    ps = {k: torch.randn((trials,) + tuple(v.shape)) for k, v in params.items()}
+    flat = torch.randn(trials, sum(sizes), dtype=dtype)
+    ps = {k: torch.randn((trials,) + tuple(v.shape), dtype=dtype) for k, v in params.items()}
 
     def f(flat, ps):
         parts = torch.split(flat, sizes)
@@ -442,7 +442,7 @@ def _autodiff(fn, data_shapes, params, trials):
         return (j != 0).reshape(trials, -1, flat.shape[1]).any(0)
 
     out_pattern = pattern(vmap(jacrev(f))(flat, ps))
-    c = torch.randn((trials,) + tuple(f(flat[0], {k: v[0] for k, v in ps.items()}).shape))
+    c = torch.randn((trials,) + tuple(f(flat[0], {k: v[0] for k, v in ps.items()}).shape), dtype=dtype)
     meets = {}
     for k in params:
         def g(flat, ps, c, k=k):
@@ -451,11 +451,11 @@ def _autodiff(fn, data_shapes, params, trials):
     return out_pattern, meets
 
 
-def _cross_check(fn, data_shapes, params, trials=2):
+def _cross_check(fn, data_shapes, params, trials=2, dtype=torch.float32):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         bool_out, bool_meets = _boolean(fn, data_shapes, params)
-        grad_out, grad_meets = _autodiff(fn, data_shapes, params, trials)
+        grad_out, grad_meets = _autodiff(fn, data_shapes, params, trials, dtype)
     assert torch.equal(bool_out, grad_out), "output dependence differs from the Jacobian's pattern"
     for k in params:
         assert torch.equal(bool_meets[k], grad_meets[k]), f"meetings of {k} differ from the mixed derivative"
@@ -504,7 +504,9 @@ POOL_CASES = [
     (lambda x: F.adaptive_max_pool1d(x, 4), (1, 2, 6), 40),
     (lambda x: F.interpolate(x, scale_factor=2, mode="bilinear"), (1, 1, 3, 4), 1),
     (lambda x: F.interpolate(x, size=(5, 7), mode="bilinear", align_corners=True), (1, 1, 3, 4), 1),
-    (lambda x: F.interpolate(x, scale_factor=3, mode="linear"), (1, 2, 3), 1),
+    # in float64: the float32 kernel computes one weight that is 0 in exact arithmetic as
+    # 1.49e-8 (a floating-point zero, see test_interpolation_float32_rounding_residue)
+    (lambda x: F.interpolate(x, scale_factor=3, mode="linear"), (1, 2, 3), 1, torch.float64),
     (lambda x: F.interpolate(x, size=(4, 3), mode="bicubic"), (1, 1, 5, 5), 1),
     (lambda x: F.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True), (1, 1, 6, 5), 1),
     (lambda x: F.interpolate(x, size=(2, 3, 5), mode="trilinear"), (1, 1, 3, 2, 3), 1),
@@ -515,5 +517,52 @@ POOL_CASES = [
 def test_pooling_matches_autodiff(case):
     # Max pooling picks one element per window at each point: the pattern is the union over
     # enough random points (a window of w elements is missed with probability (1 - 1/w)^trials).
-    fn, shape, trials = POOL_CASES[case]
-    _cross_check(fn, [shape], {}, trials)
+    fn, shape, trials, *dtype = POOL_CASES[case]
+    _cross_check(fn, [shape], {}, trials, *dtype)
+
+
+def _interp_eye(op, n_in, n_out, dtype):
+    """The weights [n_out, n_in] of a 2-d interpolation operator along its first spatial axis."""
+    eye = torch.eye(n_in, dtype=dtype).reshape(n_in, 1, n_in, 1).expand(n_in, 1, n_in, 2).contiguous()
+    return op(eye, [n_out, 2], False, None, None)[:, 0, :, 0].t()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_interpolation_windows_ignore_rounding_residue(dtype):
+    # Antialiased 5 -> 3 puts a filter tap exactly on the edge of its support (bilinear) or on
+    # a zero of the cubic filter (bicubic): the weight is 0 in exact arithmetic, but the kernels
+    # compute it as 7.1e-17 (float64) or 1.8e-14 and 3.8e-8 (float32). The windows are those
+    # of exact arithmetic (proofs/prove_conv_pool.py), whatever the model's dtype.
+    bic = aten._upsample_bicubic2d_aa.default
+    w = _interp_eye(bic, 5, 3, dtype).abs()
+    assert 0 < w[0, 2] < 1e-6 * w[0].max() and 0 < w[2, 2] < 1e-6 * w[2].max()
+    for name, want in (("_upsample_bilinear2d_aa", ((0, 1), (1, 2, 3), (3, 4))),
+                       ("_upsample_bicubic2d_aa", ((0, 1, 3), (0, 1, 2, 3, 4), (1, 3, 4)))):
+        op = getattr(aten, name).default
+
+        def run(x, size, scales, op=op):
+            return op(x, size, False, *scales)
+        assert interpolation_windows(run, 2, 0, 5, 3, None) == want
+    traced = fs.trace(_Op(lambda x: F.interpolate(x, size=(3, 2), mode="bicubic", antialias=True),
+                          [(1, 1, 5, 2)], {}).to(dtype),
+                      {"d0": torch.randn(1, 10, dtype=dtype)}, {"d0": fs.Features([str(j) for j in range(10)])})
+    labels, shape = output_labels(traced)
+    rows = [sorted({int(l.name) // 2 for l in labels[k]}) for k in range(0, 6, 2)]  # input rows, column 0
+    assert rows == [[0, 1, 3], [0, 1, 2, 3, 4], [1, 3, 4]]
+
+
+def test_interpolation_float32_rounding_residue():
+    # A named divergence of the gradient map (proofs/README.md, "floating-point zeros"):
+    # linear 3 -> 9 maps output 1 to source position exactly 0 (weight 1 on input 0, 0 on
+    # input 1); float32 computes the weight of input 1 as 1.49e-8, float64 as 0. The rule
+    # keeps the exact windows, so a float32 Jacobian has exactly that one extra entry per
+    # channel, and a float64 one none (test_pooling_matches_autodiff).
+    fn, shape = (lambda x: F.interpolate(x, scale_factor=3, mode="linear")), (1, 2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        bool_out, _ = _boolean(fn, [shape], {})
+        grad_out, _ = _autodiff(fn, [shape], {}, 1)
+    extra = grad_out & ~bool_out
+    assert not (bool_out & ~grad_out).any()
+    # output element (channel c, position 1) is row 9c + 1; input (c, 1) is column 3c + 1
+    assert torch.nonzero(extra).tolist() == [[1, 1], [10, 4]]

@@ -169,6 +169,61 @@ def test_gru_gates_and_initial_state():
         assert key(im, "core.bias_hh_l0", (row,)) == (set(), aligned)
 
 
+def test_relu_rnn_weights_meet_only_what_they_multiply():
+    # relu'' = 0: the network is piecewise linear in x, so W_ih[r, i] meets feature i only,
+    # W_hh the states entering each step (not x at the last step), the biases nothing.
+    T, H = 4, 3
+    feats = {"x": fs.Features([f"{f}{t}" for t in range(T) for f in "ab"], dim=1)}  # x[b, t*2 + f]
+
+    class Net(nn.Module):
+        def __init__(self, core):
+            super().__init__()
+            self.core = core
+
+        def forward(self, x):
+            return self.core(x.reshape(x.shape[0], T, 2))[0]
+
+    def feature(f, ts):
+        return {f"x:{f}{t}" for t in ts}
+
+    _, im = _map(Net(nn.RNN(2, H, num_layers=2, nonlinearity="relu", batch_first=True)), (torch.randn(2, 2 * T),),
+                 feats)
+    everything = feature("a", range(T)) | feature("b", range(T))
+    for r in range(H):
+        assert element(im, "core.weight_ih_l0", (r, 0)) == feature("a", range(T))
+        assert element(im, "core.weight_ih_l0", (r, 1)) == feature("b", range(T))
+        for m in range(H):
+            before_last = feature("a", range(T - 1)) | feature("b", range(T - 1))
+            assert element(im, "core.weight_hh_l0", (r, m)) == before_last
+            assert element(im, "core.weight_ih_l1", (r, m)) == everything
+            assert element(im, "core.weight_hh_l1", (r, m)) == before_last
+        for b in ("bias_ih_l0", "bias_hh_l0", "bias_ih_l1", "bias_hh_l1"):
+            assert element(im, f"core.{b}", (r,)) == set()
+    # keys mode is unchanged
+    assert key(im, "core.weight_hh_l1", (1, 2)) == ({"core.l1[2]"}, {"core.l1[1]"})
+
+    # reverse direction: the state entering each step excludes x at t = 0; a single step
+    # and a cell: W_hh[r, m] meets h0[..., m] only
+    _, im = _map(Net(nn.RNN(2, H, nonlinearity="relu", batch_first=True, bidirectional=True)),
+                 (torch.randn(2, 2 * T),), feats)
+    assert element(im, "core.weight_hh_l0_reverse", (0, 0)) == feature("a", range(1, T)) | feature("b", range(1, T))
+    assert element(im, "core.weight_ih_l0_reverse", (2, 1)) == feature("b", range(T))
+
+    class RNNCell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = nn.RNNCell(2, H, nonlinearity="relu")
+
+        def forward(self, x, h):
+            return self.cell(x, h)
+
+    _, im = _map(RNNCell(), (torch.randn(2, 2), torch.randn(2, H)),
+                 {"x": fs.Features(["a", "b"]), "h": fs.Features(["h0", "h1", "h2"])})
+    assert element(im, "cell.weight_ih", (1, 0)) == {"x:a"}
+    assert element(im, "cell.weight_hh", (1, 2)) == {"h:h2"}
+    assert element(im, "cell.bias_hh", (1,)) == set()
+
+
 class Cell(nn.Module):
     def __init__(self):
         super().__init__()
@@ -367,6 +422,43 @@ def test_learned_initial_state_matches_autodiff():
     _autodiff_check(Flat(lambda self, x: self.mod(x), [(3, 2, 2)], LearnedState(2)), ["x"])
 
 
+class LearnedRelu(nn.Module):
+    """A relu Elman network (or cell) with a learned initial state, or a learned input."""
+
+    def __init__(self, core, state_shape, learn="h0"):
+        super().__init__()
+        self.core, self.learn = core, learn
+        self.p = nn.Parameter(torch.randn(state_shape))
+
+    def forward(self, z):
+        return self.core(self.p, z) if self.learn == "x" else self.core(z, self.p)
+
+
+@pytest.mark.parametrize("module, shapes, names_", [
+    (nn.RNN(2, 3, nonlinearity="relu"), [(3, 2, 2), (1, 2, 3)], ["x", "h"]),
+    (nn.RNN(2, 2, num_layers=3, nonlinearity="relu", bidirectional=True, batch_first=True),
+     [(2, 3, 2), (6, 2, 2)], ["x", "h"]),
+    (nn.RNN(2, 2, num_layers=2, nonlinearity="relu", bidirectional=True), [(1, 2, 2), (4, 2, 2)], ["x", "h"]),
+    (nn.RNN(2, 2, num_layers=2, nonlinearity="relu", bias=False), [(3, 2), (2, 2)], ["x", "h"]),   # unbatched
+    (nn.RNNCell(2, 3, nonlinearity="relu"), [(2, 2), (2, 3)], ["x", "h"]),
+    (LearnedRelu(nn.RNN(2, 2, num_layers=2, nonlinearity="relu", bidirectional=True), (4, 2, 2)),
+     [(3, 2, 2)], ["x"]),
+    (LearnedRelu(nn.RNN(2, 2, num_layers=2, nonlinearity="relu"), (3, 2, 2), learn="x"), [(2, 2, 2)], ["h"]),
+    (LearnedRelu(nn.RNNCell(2, 3, nonlinearity="relu"), (2, 3)), [(2, 2)], ["x"]),
+], ids=["one-layer", "bidir-3layer", "bidir-one-step", "unbatched", "cell", "learned-h0", "learned-x",
+        "cell-learned-h"])
+def test_relu_rnn_matches_autodiff(module, shapes, names_):
+    """relu'' = 0: piecewise linear in the data, so a weight meets only what it multiplies, and
+    biases, learned states and a learned input meet nothing. Each relu is active at a random
+    point with probability 1/2: enough points see every piece that matters."""
+    torch.manual_seed(0)
+
+    def fn(self, *z):
+        return self.mod(*z)
+
+    _autodiff_check(Flat(fn, shapes, module), names_, trials=40)
+
+
 class Learned(nn.Module):
     """An sdpa operand that is a parameter (a learned query, memory slot or bias)."""
 
@@ -416,6 +508,37 @@ def test_sdpa_known_mask_restricts_positions():
                 if allowed is band else torch.arange(4).expand(3, 4) == 2
             return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
         _autodiff_check(Flat(fn, [(1, 2, 3, 2), (1, 2, 4, 2), (1, 2, 4, 3)]), ["q", "k", "v"])
+
+
+def test_sdpa_math_adds_a_boolean_mask():
+    """`_scaled_dot_product_attention_math` adds a boolean mask as 0 / 1 (the public operator
+    turns it into 0 / -inf first): no position is removed, and the mask meets nothing."""
+    aten = torch.ops.aten
+    q, k, v = (torch.randn(s, dtype=torch.float64) for s in ((1, 2, 3, 2), (1, 2, 4, 2), (1, 2, 4, 3)))
+    m = torch.arange(4).expand(3, 4) == 2
+    out = aten._scaled_dot_product_attention_math(q, k, v, m, 0.0, False)[0]
+    assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, attn_mask=m.double()))
+
+    def fn(self, q, k, v):
+        return aten._scaled_dot_product_attention_math(q, k, v, torch.arange(4).expand(3, 4) == 2, 0.0, False)
+
+    _autodiff_check(Flat(fn, [(1, 2, 3, 2), (1, 2, 4, 2), (1, 2, 4, 3)]), ["q", "k", "v"])
+
+    class Buffered(nn.Module):
+        def __init__(self, math_kernel):
+            super().__init__()
+            self.math_kernel = math_kernel
+            self.register_buffer("m", torch.tensor([[True, False, True], [True, True, False]]))
+
+        def forward(self, q, k, v):
+            if self.math_kernel:
+                return aten._scaled_dot_product_attention_math(q, k, v, self.m, 0.0, False)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.m)
+
+    ins = (torch.randn(1, 2, 2), torch.randn(1, 3, 2), torch.randn(1, 3, 2))
+    for math_kernel in (False, True):  # a boolean mask buffer has zero derivative: it meets nothing
+        _, im = _map(Buffered(math_kernel), ins, {n: fs.Features(["a", "b"]) for n in "qkv"})
+        assert names(im.labels_of("m")) == set()
 
 
 @pytest.mark.parametrize("variant", ["math", "flash_for_cpu"])

@@ -17,7 +17,9 @@ A parameter operand (a learned query, learned memory slots, a learned bias) meet
 by position, what the mixed derivative of <c, out> in it involves (see `_meet_params`); this
 equals the autodiff pattern at generic points. The CPU flash kernel's logsumexp output is
 given its mathematical dependence (q, k, mask of the row), although autograd treats it as not
-differentiable.
+differentiable. `_scaled_dot_product_attention_math` is the exception to the boolean-mask
+semantics: it adds a boolean mask to the scores as 0 / 1 (the public operator converts it to
+0 / -inf first), so there a boolean mask removes no position (and still has zero derivative).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 
 from .._sort import unique
 from ..label_tensor import LabelTensor, ParamRef, compress
+from ..labels import EMPTY
 from ._ops import ops
 from .helpers import reduce_to
 from .registry import register
@@ -111,13 +114,27 @@ def _parts(ctx, q, k, v, mask, is_causal, enable_gqa, nd):
     return allowed, multi, qi, ki, vi, mi
 
 
-def _is_float_mask(ctx) -> bool:
+def _mask_dtype(ctx):
+    """The dtype of the node's `attn_mask` (or `attn_bias`) tensor operand, None without one."""
     names = [a.name for a in ctx.node.target._schema.arguments]
     for name, arg in list(zip(names, ctx.node.args)) + list(ctx.node.kwargs.items()):
         if name in ("attn_mask", "attn_bias") and isinstance(arg, torch.fx.Node):
             val = arg.meta.get("val")
-            return isinstance(val, torch.Tensor) and val.dtype != torch.bool
-    return False
+            return val.dtype if isinstance(val, torch.Tensor) else None
+    return None
+
+
+def _is_float_mask(ctx) -> bool:
+    dtype = _mask_dtype(ctx)
+    return dtype is not None and dtype != torch.bool
+
+
+def _is_bool_mask(ctx, mask) -> bool:
+    if not isinstance(mask, LabelTensor):
+        return False
+    if isinstance(mask.const, torch.Tensor):
+        return mask.const.dtype == torch.bool
+    return _mask_dtype(ctx) == torch.bool
 
 
 def _row_terms(ctx, allowed, rows, qi, ki, mi) -> torch.Tensor:
@@ -150,7 +167,7 @@ def _meet_params(ctx, q, k, v, mask, parts, enable_gqa: bool) -> None:
         q[l]     meets k, v and mask over the positions row l mixes;
         k[s]     meets, over the rows l that mix s, q[l] and k, v, mask over row l's positions;
         v[s]     meets, over the rows l that mix s, q[l] and k, mask over row l's positions;
-        mask[l, s] as k[s], for row l only.
+        mask[l, s] as k[s], for row l only (a float mask; a boolean one meets nothing).
 
     A row that attends to a single position has the constant weight 1: nothing meets there."""
     if not any(isinstance(t, LabelTensor) and t.is_param for t in (q, k, v, mask)):
@@ -165,7 +182,8 @@ def _meet_params(ctx, q, k, v, mask, parts, enable_gqa: bool) -> None:
     wanted = {"q": lambda: full,
               "k": lambda: masked_union(ctx, full, mixes.t()),
               "v": lambda: masked_union(ctx, rows, mixes.t()),
-              "mask": lambda: torch.where(mixes, full, empty)}
+              "mask": lambda: empty.reshape([1] * mask.ndim) if _is_bool_mask(ctx, mask)  # zero derivative
+              else torch.where(mixes, full, empty)}
     for name, op in (("q", q), ("k", k), ("v", v), ("mask", mask)):
         if isinstance(op, LabelTensor) and op.is_param:
             ctx.meet(op, _fold(ctx, wanted[name](), op, enable_gqa and name in ("k", "v")))
@@ -249,6 +267,13 @@ def sdpa_math(ctx, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, drop
     operands = _operands(q, k, v, attn_mask)
     if _param_only(ctx, operands):
         return tuple(LabelTensor.empty(s.shape, refs=_refs(operands)) for s in ctx.out)
+    if _is_bool_mask(ctx, attn_mask):
+        # This kernel adds a boolean mask to the scores as 0 / 1 (scaled_dot_product_attention
+        # converts it to 0 / -inf before calling it; called directly, it does not): a constant
+        # shift of some scores, which removes no position and has zero derivative.
+        if attn_mask.is_param:
+            ctx.meet(attn_mask, torch.full([1] * attn_mask.ndim, EMPTY, dtype=torch.int64))
+        attn_mask = None
     r = attention(ctx, q, k, v, attn_mask, is_causal, enable_gqa, shapes=("out", "weights"))
     # The weights keep what q, k and a float mask carry, in both modes.
     weights = r["weights"]

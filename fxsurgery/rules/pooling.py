@@ -10,7 +10,9 @@ where they are). Pooling has no parameter, so it behaves the same in deps and ke
 - adaptive pooling: [floor(i*In/Out), ceil((i+1)*In/Out)).
 - linear / bilinear / trilinear / bicubic interpolation (antialiased too): the input positions
   with a non-zero weight, read off the operator itself (windows.interpolation_windows), so an
-  output that falls exactly on an input position depends on that position alone.
+  output that falls exactly on an input position depends on that position alone. A weight
+  that is zero in exact arithmetic but that the kernel rounds to a tiny residue (1e-17 in
+  float64, up to 1e-6 in float32) counts as zero.
 
 LP pooling is not a distinct ATen operator: torch.export lowers it to pow, avg_pool, sign, abs,
 relu and mul, which have their own rules. Nearest-neighbour upsampling is data movement
@@ -152,8 +154,8 @@ def interpolate(ctx, *args, **kwargs):
     else:
         names = [a.name for a in target._schema.arguments if a.name.startswith("scales")]
         scales = [b.get(n) for n in names]
-    dtype = torch.float64 if ctx.out.dtype == torch.float64 else torch.float32
+    # The windows of exact arithmetic, read off the float64 kernel whatever the model's dtype.
     run = _interp_runner(target._schema.name.split("::")[1], b["align_corners"])
-    per_axis = [interpolation_windows(run, nd, d, in_sp[d], out_sp[d], scales[d], dtype) for d in range(nd)]
+    per_axis = [interpolation_windows(run, nd, d, in_sp[d], out_sp[d], scales[d]) for d in range(nd)]
     return pool_windowed(ctx, x, per_axis, shape)
 

@@ -22,6 +22,14 @@ points (tests/test_rules_recurrent_attention.py); an initial state that is the c
 (nn.LSTM's default) is not generic: over a single step W_hh and the forget-gate rows then
 meet nothing, which the rule does not exploit (a named divergence of the gradient map).
 
+The Elman network with relu (`rnn_relu`, `rnn_relu_cell`) is the exception: relu'' = 0, so
+with weights that carry no label it is piecewise *linear* in its data (x, h0), and a weight
+meets only the operand it multiplies (see `_record_deps_relu`): W_ih[r, i] meets what input
+column i depends on over all steps and batch elements (x[..., i] in layer 0, hidden unit i of
+the previous layer above), W_hh[r, m] what unit m of the state entering each step depends on
+(h0[k, :, m], then the states after every step but the last), and the biases, a learned
+initial state and a learned input meet nothing. Its outputs' dependence is as above.
+
 keys mode: layer k's hidden units are labelled `{prefix}.l{k}` (`{prefix}.l{k}_reverse`),
 `prefix` being the module path of the weights; a weight row `g*H + j` is aligned with unit j
 and gate g (a unit of `{group}.gate`), a `W_ih` column meets the keys of that input column (the
@@ -241,9 +249,10 @@ def _full_rnn(ctx, kind, x, hx, params, has_biases, num_layers, dropout, train, 
         extras = [[ctx.pool.union_many(_total(ctx, p) for p in layers[l][d].operands if not p.is_param)
                    for d in range(dirs)] for l in range(num_layers)]
         inp = _red(ctx, xs, [2])                                      # [T', B', 1]
-        h_last, c_last, seq = [], [], None
+        h_last, c_last, seq, scans = [], [], None, []
         for l in range(num_layers):
             outs = []
+            scans.append(outs)
             for d in range(dirs):
                 layer = layers[l][d]
                 hrow = _red(ctx, row(h0s, l * dirs + d), [1])         # [B', 1]: all units mix
@@ -261,8 +270,12 @@ def _full_rnn(ctx, kind, x, hx, params, has_biases, num_layers, dropout, train, 
         seq = torch.cat([_fit_last(s, width) for s in _bcast_lead(seq)], -1) if dirs > 1 else seq[0]
         hn = torch.stack(_bcast(h_last), 0)
         cn = torch.stack(_bcast(c_last), 0) if lstm else None
-        _record_deps(ctx, layers, dirs, x, h0s, c0s, extras, steps)
-        _meet_states(ctx, x, [(h0, None), (c0, None)], unbatched, xs, [h0s, c0s])
+        if kind == "rnn_relu" and _weights_free(layers):
+            _record_deps_relu(ctx, layers, dirs, xs, h0s, scans, steps)
+            _meet_nothing(ctx, [x, h0])
+        else:
+            _record_deps(ctx, layers, dirs, x, h0s, c0s, extras, steps)
+            _meet_states(ctx, x, [(h0, None), (c0, None)], unbatched, xs, [h0s, c0s])
 
     if batch_first and not unbatched:
         seq = seq.transpose(0, 1)
@@ -344,6 +357,56 @@ def _record_deps(ctx, layers, dirs, x, h0s, c0s, extras, steps: int):
             _meet_layer(ctx, layers[l][d], met, per_unit)
 
 
+def _weights_free(layers) -> bool:
+    """No weight or bias depends on a label (they are parameters or constants)."""
+    return all(p.is_free for row in layers for layer in row for p in layer.operands)
+
+
+def _meet_nothing(ctx, operands) -> None:
+    for op in operands:
+        if isinstance(op, LabelTensor) and op.is_param:
+            ctx.meet(op, _const(EMPTY, op.ndim))
+
+
+def _columns(ctx, ids: torch.Tensor, width: int) -> torch.Tensor:
+    """[T*, B*, F*] -> [1, width]: per feature, the union over time and batch."""
+    return _fit_last(_red(ctx, ids, [0, 1]).reshape(1, -1), width)
+
+
+def _record_deps_relu(ctx, layers, dirs, xs, h0s, scans, steps: int) -> None:
+    """deps mode, Elman network with relu, whose weights carry no label: relu'' = 0, so for
+    fixed weights the network is piecewise linear in its data (x, h0), and the adjoint
+    lam_t of each step's pre-activation is piecewise constant in them. Then
+
+        d<c, out>/dW_ih[r, i] = sum_{t,b} lam_t[b, r] in_t[b, i]
+        d<c, out>/dW_hh[r, m] = sum_{t,b} lam_t[b, r] h_{t-1}[b, m]
+        d<c, out>/db[r]       = sum_{t,b} lam_t[b, r]
+
+    so that W_ih[r, i] meets what input column i depends on, over all steps and batch
+    elements (x[..., i] in layer 0; hidden unit i of the previous layer, both directions
+    concatenated, above), W_hh[r, m] what the state entering each step depends on in unit m
+    (h0[k, :, m], then the states after every step but the direction's last), and the biases
+    nothing. `scans[l][d]`: the per-step hidden state ids [T*, B*, H*] of layer l, direction d."""
+    for l, row in enumerate(layers):
+        if l == 0:
+            in_cols = _columns(ctx, xs, layers[0][0].w_ih.shape[1])
+        else:
+            in_cols = torch.cat([_columns(ctx, s, layers[l - 1][d].out) for d, s in enumerate(scans[l - 1])], -1)
+        for d, layer in enumerate(row):
+            k = l * dirs + d
+            h0_row = h0s[k if h0s.shape[0] > 1 else 0]                         # [B', H']
+            h_cols = _fit_last(_red(ctx, h0_row, [0]).reshape(1, -1), layer.out)
+            if steps > 1:
+                s = scans[l][d]
+                if s.shape[0] > 1:  # the states after every step but the last, in the direction's order
+                    s = s[1:] if d else s[:-1]
+                h_cols = ctx.pool.union_ids(h_cols, _columns(ctx, s, layer.out))
+            for w, cols in ((layer.w_ih, in_cols), (layer.w_hh, h_cols)):
+                if w.is_param:
+                    ctx.meet(w, cols)
+            _meet_nothing(ctx, [layer.b_ih, layer.b_hh])
+
+
 def _meet_layer(ctx, layer: "_Layer", met: int, per_unit) -> None:
     """Records `met` on every parameter of a layer, plus, per gate row / projection column,
     the cell-state labels `per_unit` [H'] of its own unit."""
@@ -400,6 +463,14 @@ def _cell(ctx, kind, x, h, c, w_ih, w_hh, b_ih, b_hh):
         a = _u(ctx, _red(ctx, batched(x), [1]), _red(ctx, batched(h), [1]), _const(weights_data, 2))
         out_h = compress(_u(ctx, batched(c), a)) if lstm else a
         out_c = out_h
+    if not ctx.keys and kind == "rnn_relu" and all(p.is_free for p in layer.operands):
+        # Piecewise linear in (x, h) (see _record_deps_relu): W_ih[r, i] meets x[:, i],
+        # W_hh[r, m] meets h[:, m], biases, x and h nothing.
+        for w, data in ((w_ih, x), (w_hh, h)):
+            if w.is_param:
+                ctx.meet(w, _columns(ctx, batched(data).unsqueeze(0), w.shape[1]))
+        _meet_nothing(ctx, [x, h, b_ih, b_hh])
+    elif not ctx.keys:
         # One step: gate row g*H + j sees the cell state of its own unit j only.
         met = ctx.pool.union_many([_total(ctx, x), _total(ctx, h), weights_data])
         per_unit = _red(ctx, batched(c), [0]).reshape(-1) if lstm else None

@@ -150,15 +150,29 @@ def adaptive_windows(n_in: int, n_out: int) -> Windows:
 
 
 def interpolation_windows(run: Callable[[torch.Tensor, list, list], torch.Tensor], nd: int, axis: int,
-                          n_in: int, n_out: int, scale, dtype=torch.float32) -> Windows:
+                          n_in: int, n_out: int, scale, dtype=torch.float64) -> Windows:
     """The input positions with a non-zero interpolation weight for each output position along
     `axis` of a separable `nd`-dimensional interpolation (linear, bilinear, bicubic,
-    antialiased). Exact by construction: the operator itself is run on one-hot inputs along
-    `axis` (2 -> 2 along the other axes, which it copies unchanged), so the weights are
-    the ones PyTorch computes, including those that are exactly zero (an output that falls on
-    an input position, clamping at the borders). `run(x, output_size, scales)` calls the
-    operator's `.default` overload."""
+    antialiased). The operator itself is run on one-hot inputs along `axis` (2 -> 2 along the
+    other axes, which it copies unchanged), so the weights are the ones PyTorch computes,
+    including those that are exactly zero (an output that falls on an input position, clamping
+    at the borders, a filter tap on the edge of its support). `run(x, output_size, scales)`
+    calls the operator's `.default` overload.
+
+    The kernels compute some weights that are zero in exact arithmetic as rounding residue:
+    in float64 up to about 2e-15 of the largest weight of the output (7.9e-17 for
+    antialiased 5 -> 3), in float32 up to about 2e-6 (1.8e-14 and 3.8e-8 for bicubic
+    antialiased 5 -> 3). A genuine weight is far larger in float64 (at least about
+    0.12 / n_in**2 of the largest, a bicubic tap next to the edge of its support), but not in
+    float32, where the two ranges meet for a few hundred inputs. So the weights are computed in
+    float64 (`dtype`), whatever the model's dtype (float32 kernels only add residue to the same
+    windows), and a weight of at most `_WEIGHT_RTOL` (1e-10) times the largest weight of its
+    output counts as zero: the windows are those of exact arithmetic. A float32 model's
+    gradient map may see the residue (a floating-point zero, proofs/README.md)."""
     return _interpolation_windows(run, nd, axis, n_in, n_out, None if scale is None else float(scale), dtype)
+
+
+_WEIGHT_RTOL = 1e-10  # see interpolation_windows
 
 
 @lru_cache(maxsize=1024)
@@ -176,8 +190,10 @@ def _interpolation_windows(run, nd, axis, n_in, n_out, scale, dtype) -> Windows:
     scales[axis] = scale
     with torch.no_grad():
         out = run(eye, size, scales)
-    out = out.movedim(2 + axis, -1).reshape(n_in, -1, n_out)[:, 0]
-    nz = out != 0   # nz[i, o]: input i has a non-zero weight in output o
+    out = out.movedim(2 + axis, -1).reshape(n_in, -1, n_out)[:, 0].abs()
+    # nz[i, o]: input i has a weight in output o above the rounding residue of an exact zero
+    peak = out.amax(0, keepdim=True)
+    nz = out > _WEIGHT_RTOL * peak
     return tuple(tuple(torch.nonzero(nz[:, o]).reshape(-1).tolist()) for o in range(n_out))
 
 
