@@ -12,8 +12,13 @@ setup() {
     if ! $PY -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
         $PY -m pip install -q -c constraints.txt torch==2.13.0
     fi
-    if ! $PY -c "import fxsurgery, hypothesis, pytest, sympy, tabulate" 2>/dev/null; then
+    if ! $PY -c "import hypothesis, pytest, sympy, tabulate" 2>/dev/null; then
         $PY -m pip install -q -c constraints.txt -e ".[test]"
+    fi
+    # The installed fxsurgery (and its command) must be this checkout's.
+    here=$(pwd -P)
+    if [ "$(cd / && $PY -c 'import fxsurgery, os; print(os.path.dirname(os.path.dirname(os.path.realpath(fxsurgery.__file__))))' 2>/dev/null)" != "$here" ]; then
+        $PY -m pip install -q --no-deps -e .
     fi
 }
 
