@@ -39,6 +39,18 @@ def load_factory(spec: str):
     return factory
 
 
+def read_json_object(path: str, what: str) -> dict:
+    """A JSON file holding an object, or a CliError naming the file and what it should hold."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise CliError(f"cannot read {what} file {path!r}: {err}") from err
+    if not isinstance(data, dict):
+        raise CliError(f"{what} file {path!r} must hold an object")
+    return data
+
+
 def _parse_input(text: str):
     name, _, rest = text.partition("=")
     if not name or not rest:
@@ -74,13 +86,7 @@ def build(spec: str, inputs_args, features_path, device: str):
     if not inputs:
         raise CliError(f"factory {spec!r} gives no example inputs: pass --input name=shape")
     if features_path:
-        try:
-            with open(features_path) as f:
-                raw = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise CliError(f"cannot read features file {features_path!r}: {err}") from err
-        if not isinstance(raw, dict):
-            raise CliError(f"features file {features_path!r} must hold an object: input name -> description")
+        raw = read_json_object(features_path, "features")  # input name -> description
         features = {k: description_from_json(v) for k, v in raw.items()}
     return model, inputs, features
 

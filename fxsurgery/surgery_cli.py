@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .cli import CliError, build
+from .cli import CliError, build, read_json_object
 
 __all__ = ["add_subcommand", "load_checkpoint", "load_into"]
 
@@ -122,14 +122,7 @@ def _rename(items) -> dict:
 def _units(path):
     if not path:
         return None
-    try:
-        with open(path) as f:
-            units = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise CliError(f"cannot read units file {path!r}: {err}") from err
-    if not isinstance(units, dict):
-        raise CliError(f"units file {path!r} must hold an object: hidden-axis group -> list of old positions")
-    return units
+    return read_json_object(path, "units")  # hidden-axis group -> list of old positions
 
 
 def _plan(args, need_weights: bool):

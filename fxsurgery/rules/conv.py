@@ -24,21 +24,12 @@ import torch
 from ..label_tensor import LabelTensor, ParamRef, compress
 from ._ops import ops
 from .contractions import param_axis, unit_group
+from .helpers import bind_args
 from .registry import register
 from .windows import conv_axis, expand_arg, same_padding, window_union
 
 __all__ = ["convolution"]
 
-
-def _bind(ctx, args, kwargs) -> dict:
-    """The operator's arguments by schema name, defaults filled in."""
-    schema = ctx.node.target._schema
-    bound = {a.name: v for a, v in zip(schema.arguments, args)}
-    bound.update(kwargs)
-    for a in schema.arguments:
-        if a.name not in bound and a.has_default_value():
-            bound[a.name] = a.default_value
-    return bound
 
 
 def _reduce(ctx, ids: torch.Tensor, dims) -> torch.Tensor:
@@ -203,7 +194,7 @@ def _finish(lt: LabelTensor, batched: bool) -> LabelTensor:
 @register(*ops("conv1d.default", "conv2d.default", "conv3d.default", "conv1d.padding", "conv2d.padding",
                "conv3d.padding"), family="convolution")
 def conv(ctx, *args, **kwargs):
-    b = _bind(ctx, args, kwargs)
+    b = bind_args(ctx, args, kwargs)
     return convolution(ctx, b["input"], b["weight"], b.get("bias"), b["stride"], b["padding"], b["dilation"],
                        False, b["groups"])
 
@@ -211,7 +202,7 @@ def conv(ctx, *args, **kwargs):
 @register(*ops("conv_transpose1d.default", "conv_transpose2d.input", "conv_transpose3d.input"),
           family="convolution")
 def conv_transpose(ctx, *args, **kwargs):
-    b = _bind(ctx, args, kwargs)
+    b = bind_args(ctx, args, kwargs)
     return convolution(ctx, b["input"], b["weight"], b.get("bias"), b["stride"], b["padding"], b["dilation"],
                        True, b["groups"])
 
@@ -219,7 +210,7 @@ def conv_transpose(ctx, *args, **kwargs):
 @register(*ops("convolution.default", "_convolution.default", "_convolution.deprecated",
                "convolution_overrideable.default"), family="convolution")
 def generic_convolution(ctx, *args, **kwargs):
-    b = _bind(ctx, args, kwargs)
+    b = bind_args(ctx, args, kwargs)
     return convolution(ctx, b["input"], b["weight"], b.get("bias"), b["stride"], b["padding"], b["dilation"],
                        bool(b["transposed"]), b["groups"])
 

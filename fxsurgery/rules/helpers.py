@@ -18,8 +18,19 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ..label_tensor import MAX_INDEX_NUMEL, LabelTensor, ParamRef, compress, full_ids
 from ..labels import EMPTY
 
-__all__ = ["elementwise", "movement", "reduce", "mixing", "no_dependence", "reduce_to",
+__all__ = ["bind_args", "elementwise", "movement", "reduce", "mixing", "no_dependence", "reduce_to",
            "union", "dims_of", "param_free"]
+
+
+def bind_args(ctx, args, kwargs) -> dict:
+    """The operator's arguments by schema name, defaults filled in."""
+    schema = ctx.node.target._schema
+    bound = {a.name: v for a, v in zip(schema.arguments, args)}
+    bound.update(kwargs)
+    for a in schema.arguments:
+        if a.name not in bound and a.has_default_value():
+            bound[a.name] = a.default_value
+    return bound
 
 
 def dims_of(dim, ndim: int) -> list[int]:

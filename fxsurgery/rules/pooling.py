@@ -24,6 +24,7 @@ import torch
 
 from ..label_tensor import LabelTensor, ParamRef, compress
 from ._ops import ops
+from .helpers import bind_args
 from .registry import register
 from .windows import adaptive_windows, conv_axis, expand_arg, interpolation_windows, window_union
 
@@ -31,15 +32,6 @@ aten = torch.ops.aten
 
 __all__ = ["pool_windowed"]
 
-
-def _bind(ctx, args, kwargs) -> dict:
-    schema = ctx.node.target._schema
-    bound = {a.name: v for a, v in zip(schema.arguments, args)}
-    bound.update(kwargs)
-    for a in schema.arguments:
-        if a.name not in bound and a.has_default_value():
-            bound[a.name] = a.default_value
-    return bound
 
 
 def _by_nd(*patterns: str) -> dict:
@@ -99,14 +91,14 @@ def _with_indices(ctx, values: LabelTensor):
 
 @register(*MAX_POOL, family="pooling")
 def max_pool(ctx, *args, **kwargs):
-    b = _bind(ctx, args, kwargs)
+    b = bind_args(ctx, args, kwargs)
     values = _sliding(ctx, b["self"], b["kernel_size"], b["stride"], b["padding"], b["dilation"])
     return _with_indices(ctx, values)
 
 
 @register(*AVG_POOL, family="pooling")
 def avg_pool(ctx, *args, **kwargs):
-    b = _bind(ctx, args, kwargs)
+    b = bind_args(ctx, args, kwargs)
     return _sliding(ctx, b["self"], b["kernel_size"], b["stride"], b["padding"])
 
 
@@ -141,7 +133,7 @@ def _interp_runner(name: str, align_corners: bool):
 @register(*INTERPOLATE, family="pooling")
 def interpolate(ctx, *args, **kwargs):
     target = ctx.node.target
-    b = _bind(ctx, args, kwargs)
+    b = bind_args(ctx, args, kwargs)
     x = b.get("self", b.get("input"))
     nd = _nd(ctx)
     out_sp, shape = _out_spatial(ctx, nd)
