@@ -531,6 +531,52 @@ def test_verify_leaves_batchnorm_statistics_alone_in_training_mode():
     assert torch.equal(old.bn1.running_mean, stats) and int(old.bn1.num_batches_tracked) == 0
 
 
+class Tokens(nn.Module):
+    """An embedding of a categories input next to a features input."""
+
+    def __init__(self, n_in=4, vocab=5):
+        super().__init__()
+        self.emb, self.fc, self.head = nn.Embedding(vocab, 6), nn.Linear(n_in, 6), nn.Linear(6, 2)
+
+    def forward(self, obs, tok):
+        return self.head(torch.tanh(self.fc(obs) + self.emb(tok).mean(1)))
+
+
+def _materialise(model):
+    model.to_empty(device="cpu")
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
+def test_verify_after_the_meta_workflow():
+    """The new model traced on meta (inputs on meta too), materialised, applied: verify draws its
+    inputs on the models' device and never reads the values of meta example inputs (integer
+    inputs: the Categories' size)."""
+    vocab = ["a", "b", "c", "d", "e"]
+    old = Tokens(4, 5)
+    with torch.device("meta"):
+        new = Tokens(5, 6)
+        new_inputs = {"obs": torch.randn(2, 5), "tok": torch.zeros(2, 3, dtype=torch.int64)}
+    p = plan(fs.trace(old, {"obs": torch.randn(2, 4), "tok": torch.randint(0, 5, (2, 3))},
+                      {"obs": fs.Features(OBS), "tok": fs.Categories(vocab)}),
+             fs.trace(new, new_inputs, {"obs": fs.Features(OBS + ["armor"]), "tok": fs.Categories(vocab + ["f"])}))
+    _materialise(new)
+    p.apply()
+    v = verify(p, n=3)
+    assert v.max <= 1e-5 and v.ok()
+    # categories shared with the old model never: drawn among the new model's own categories
+    with torch.device("meta"):
+        new2 = Tokens(4, 5)
+    p2 = plan(fs.trace(old, {"obs": torch.randn(2, 4), "tok": torch.randint(0, 5, (2, 3))},
+                       {"obs": fs.Features(OBS)}),
+              fs.trace(new2, {"obs": torch.randn(2, 4, device="meta"),
+                              "tok": torch.zeros(2, 3, dtype=torch.int64, device="meta")}, {"obs": fs.Features(OBS)}))
+    _materialise(new2)
+    p2.apply()
+    assert verify(p2, n=2).max <= 1e-5
+
+
 def test_transplant_is_the_one_call_form():
     old, new = MLP(4), MLP(5)
     model, p = transplant(old, new, {"obs": torch.randn(2, 4)}, {"obs": torch.randn(2, 5)}, feats(OBS),

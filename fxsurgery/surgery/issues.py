@@ -14,12 +14,13 @@ from .._sort import unique
 from .match import match
 from .space import LabelSpace, describe
 
-__all__ = ["Issue", "graph_points", "output_keys", "check_points", "match_outputs", "removed_nonzero"]
+__all__ = ["Issue", "graph_points", "output_keys", "check_points", "match_outputs", "removed_nonzero",
+           "unmatched"]
 
 
 @dataclass
 class Issue:
-    kind: str       # "normalisation", "softmax", "output", "removed input", "pruned units"
+    kind: str       # "normalisation", "softmax", "output", "removed input", "pruned units", "unmatched"
     where: str      # node or parameter
     message: str
 
@@ -219,3 +220,29 @@ def removed_nonzero(space: LabelSpace, name: str, m, old: torch.Tensor) -> Issue
     return Issue(what, name, f"meets {describe(labels, space)}, which the new model lacks, with non-zero weights "
                  f"(max |w| = {peak:.3g}): the new model computes what the old one did only where "
                  f"{'these units are' if what == 'pruned units' else 'these inputs are'} zero")
+
+
+def unmatched(space: LabelSpace, name: str, old_name: str, m) -> Issue | None:
+    """Elements the labels do not account for: new elements that are not copied yet neither
+    meet nor are aligned with a new label (they keep the new model's values), and old elements
+    that are not copied yet hold no removed label (their values are lost). Both mean that one
+    weight plays several roles whose labels moved apart (a stream channel that is a feature of
+    one input and a hidden unit of another, a weight shared between old and new positions of a
+    widened axis, a grouped layer regrouped): function preservation cannot be claimed."""
+    new_bad, old_bad = m.n_unmatched()
+    if not new_bad and not old_bad:
+        return None
+    parts = []
+    if new_bad:
+        parts.append(f"{new_bad:,} of its elements {'is' if new_bad == 1 else 'are'} not copied although they meet and are aligned with no new "
+                     "label (they keep the new model's values)")
+    if old_bad:
+        lost = (f"{old_bad:,} element{'' if old_bad == 1 else 's'} of the old {old_name} "
+                f"{'is' if old_bad == 1 else 'are'} not copied although {'it holds' if old_bad == 1 else 'they hold'} "
+                "no removed label")
+        if m.zero_all and m.new_met:
+            lost += (f" (every element meets new {describe(m.new_met, space)}: the weight is shared between old "
+                     "and new positions, and zeroed whole)")
+        parts.append(lost)
+    return Issue("unmatched", name, "; ".join(parts) + ": the labels do not tell which old element each new one "
+                 "plays the role of, function preservation is not guaranteed here")

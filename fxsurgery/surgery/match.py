@@ -41,6 +41,7 @@ class Block:
     category: torch.Tensor           # (n_new,) bool: ... and every new label it meets is a category
     removed_data: torch.Tensor       # (n_old,) bool: old meets side holds a removed feature/input/unit
     removed: torch.Tensor            # (n_old,) bool: old key holds a label the new model lacks
+    aligned_new: torch.Tensor | None = None  # (n_new,) bool: the aligned side holds a new label
 
     @property
     def n_new(self) -> int:
@@ -75,6 +76,7 @@ class Match:
     new_aligned: frozenset = frozenset()
     removed_labels: frozenset = frozenset()
     removed_met: frozenset = frozenset()   # removed labels on the meets side
+    aligned_new_all: bool = False          # every element is aligned with a new label
 
     @property
     def identity(self) -> bool:
@@ -101,6 +103,37 @@ class Match:
             z = b.zero & ~b.category if keep_cats else b.zero
             n *= int((~z).sum())
         return total - n
+
+    def n_unmatched(self) -> tuple[int, int]:
+        """(new elements neither copied nor meeting nor aligned with a new label: they keep the
+        new model's values although nothing marks them new; old elements neither copied nor
+        holding a removed label: lost although nothing marks them gone). Both are zero when the
+        labels explain every element."""
+        if self.unexplained or self.old_shape is None:
+            return 0, 0
+        new_bad = 0
+        if not (self.zero_all or self.aligned_new_all):
+            free = cfree = 1
+            for b in self.blocks:
+                f = ~b.zero
+                if b.aligned_new is not None:
+                    f = f & ~b.aligned_new
+                free *= int(f.sum())
+                cfree *= int((f & b.copied).sum())
+            new_bad = free - (cfree if self.copy else 0)
+        old_bad = 0
+        if not self.removed_all:
+            live = clive = 1
+            for b in self.blocks:
+                keep = ~b.removed
+                used = torch.zeros(b.n_old, dtype=torch.bool)
+                idx = b.index[b.index >= 0]
+                if idx.numel():
+                    used[idx] = True
+                live *= int(keep.sum())
+                clive *= int((keep & used).sum())
+            old_bad = live - (clive if self.copy else 0)
+        return new_bad, old_bad
 
     def n_dropped(self) -> int:
         if self.old_shape is None:
@@ -289,6 +322,7 @@ def match(space: LabelSpace, new_shape, new_meets: Terms | None, new_aligned: Te
     new_only, removed = space.new_only, space.removed
     sets = space.tset_tokens
     m.zero_all = bool(u_nm & new_only)
+    m.aligned_new_all = bool(u_na & new_only)
     m.category_all = m.zero_all and (u_nm & new_only) <= space.categories
     new_met, new_aligned_l, removed_l = set(u_nm & new_only), set(u_na & new_only), set()
     if has_old:
@@ -336,7 +370,8 @@ def match(space: LabelSpace, new_shape, new_meets: Terms | None, new_aligned: Te
             removed_data_f = removed_f = torch.zeros(n_old, dtype=torch.bool)
         m.blocks.append(Block(axes=axes, old_shape=tuple(ref_old[a] for a in axes),
                               new_shape=tuple(new_shape[a] for a in axes), index=index, zero=zero,
-                              category=category, removed_data=removed_data_f, removed=removed_f))
+                              category=category, removed_data=removed_data_f, removed=removed_f,
+                              aligned_new=space.flags(na.per_block[k], na.uniq[k], 0)))
     if problems:
         m.unexplained = "; ".join(problems)
         m.copy = False

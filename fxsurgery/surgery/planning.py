@@ -17,7 +17,7 @@ import torch
 from ..capture import Traced, trace
 from ..interaction_map import interaction_map
 from .apply import build
-from .issues import Issue, check_points, graph_points, match_outputs, output_keys, removed_nonzero
+from .issues import Issue, check_points, graph_points, match_outputs, output_keys, removed_nonzero, unmatched
 from .match import Match, match
 from .splits import unit_splits
 from .space import LabelSpace, SurgeryError, SurgeryWarning, _listing, check_rename, rename_prefix
@@ -271,6 +271,14 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
             issue = removed_nonzero(space, p.old_name, p.match, old_sd.get(p.old_name))
             if issue is not None:
                 issues.append(issue)
+            issue = unmatched(space, p.name, p.old_name, p.match)
+            if issue is not None:
+                issues.append(issue)
+    if any(i.kind == "unmatched" for i in issues):  # then the old positions are not known to be preserved
+        for i in issues:
+            if i.kind == "output" and i.message.endswith("; the old positions are preserved"):
+                i.message = i.message[:-len("are preserved")] + ("are preserved only where no unmatched "
+                                                                 "element (below) is involved")
     if any(t.device.type == "meta" for t in old_sd.values()):
         notes.append("the old model is on the meta device: removed inputs were not checked for non-zero weights")
     timings["plan"] = time.perf_counter() - t0

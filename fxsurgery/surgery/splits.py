@@ -55,11 +55,18 @@ def _units_along(lt, pool, sizes):
 
 
 def _inner(lt) -> int | None:
-    """Size of the innermost axis along which an output's ids vary (when several do)."""
+    """Size of the innermost axis along which an output's ids vary (when several do); 1 when
+    they vary along one axis only and the reshape put an axis of size 1 right after it (parts
+    of one position each: the heads of an attention whose heads are one channel wide)."""
     if lt is None or not hasattr(lt, "ids"):
         return None
     vary = [d for d in range(lt.ids.dim()) if lt.ids.shape[d] > 1]
-    return lt.ids.shape[vary[-1]] if len(vary) >= 2 else None
+    if len(vary) >= 2:
+        return lt.ids.shape[vary[-1]]
+    shape = tuple(lt.shape)
+    if len(vary) == 1 and vary[0] + 1 < len(shape) and shape[vary[0] + 1] == 1:
+        return 1
+    return None
 
 
 def unit_splits(traced, pool) -> dict[str, list[int]]:
@@ -88,7 +95,7 @@ def unit_splits(traced, pool) -> dict[str, list[int]]:
             lens = {_len_along(o, n) for o in outs}
             if len(outs) > 1 and len(lens) == 1:
                 chunk = lens.pop()
-        if chunk and 1 < chunk < n and n % chunk == 0 and sizes[group] % chunk == 0:
+        if chunk and 0 < chunk < n and n % chunk == 0 and sizes[group] % chunk == 0:
             found.setdefault(group, set()).add(int(chunk))
     result = {}
     for group, chunks in found.items():

@@ -82,7 +82,26 @@ def _dim(desc: Features, ndim: int) -> int:
     return desc.dim % ndim
 
 
-def _draw(example: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def _device(model) -> torch.device:
+    """Where a model runs: the device of its first parameter or buffer (CPU if it has none)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _int_range(example: torch.Tensor | None) -> tuple[int, int] | None:
+    """The value range of an integer example input, or None when its values cannot be read
+    (meta tensors have none)."""
+    if example is None or example.device.type == "meta" or not example.numel():
+        return None
+    return int(example.min()), int(example.max())
+
+
+def _draw(example: torch.Tensor, g: torch.Generator, n_categories: int | None = None,
+          other: torch.Tensor | None = None) -> torch.Tensor:
+    """Random values shaped like `example`, on the CPU. Only its shape and dtype are read, except
+    for integer inputs: drawn among `n_categories` values when given, else within the range of
+    the example's (or `other`'s) values when they can be read, else 0 (a safe index)."""
     shape, dtype = tuple(example.shape), example.dtype
     if dtype.is_floating_point:
         return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
@@ -90,8 +109,10 @@ def _draw(example: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         return torch.randn(shape, generator=g, dtype=dtype)
     if dtype == torch.bool:
         return torch.randint(0, 2, shape, generator=g).bool()
-    lo = int(example.min()) if example.numel() else 0
-    hi = int(example.max()) if example.numel() else 0
+    if n_categories is not None and n_categories > 0:
+        lo, hi = 0, n_categories - 1
+    else:
+        lo, hi = _int_range(example) or _int_range(other) or (0, 0)
     return torch.randint(lo, hi + 1, shape, generator=g, dtype=dtype)
 
 
@@ -107,13 +128,16 @@ def _inputs(plan, g: torch.Generator, notes: list):
             if not shared:
                 if old_ex is not None:
                     notes.append(f"input {name!r}: no category in common with the old model; drawn at random")
-                new_vals[name] = _draw(ex, g)
+                new_vals[name] = _draw(ex, g, len(desc.names))
                 continue
             pick = torch.randint(len(shared), tuple(ex.shape), generator=g)
             new_vals[name] = torch.tensor([desc.names.index(c) for c in shared], dtype=ex.dtype)[pick]
             old_vals[name] = torch.tensor([old_desc.names.index(c) for c in shared], dtype=old_ex.dtype)[pick]
             continue
-        x = _draw(ex, g)
+        x = _draw(ex, g, other=old_ex)
+        if not ex.dtype.is_floating_point and not ex.dtype.is_complex and ex.dtype != torch.bool and \
+                _int_range(ex) is None and _int_range(old_ex) is None and ex.numel():
+            notes.append(f"input {name!r}: integer values of a meta example cannot be read; fed 0")
         new_vals[name] = x
         if old_ex is None:
             continue
@@ -136,11 +160,13 @@ def _inputs(plan, g: torch.Generator, notes: list):
                                "feature labels on both sides; verify cannot tell which values correspond")
     for name, ex in zip(old_t.input_names, old_t.inputs):
         if name not in old_vals:  # an input (or categories) the new model lacks: zero
-            old_vals[name] = torch.zeros_like(ex)
+            old_vals[name] = torch.zeros(tuple(ex.shape), dtype=ex.dtype)
             if isinstance(old_t.descriptions.get(name), Categories):
                 notes.append(f"input {name!r}: no category in common with the new model; fed category 0")
-    old_args = tuple(old_vals[n].to(ex.device) for n, ex in zip(old_t.input_names, old_t.inputs))
-    new_args = tuple(new_vals[n].to(ex.device) for n, ex in zip(new_t.input_names, new_t.inputs))
+    # On the models' devices, never the examples' (examples may be meta tensors).
+    old_dev, new_dev = _device(old_t.model), _device(new_t.model)
+    old_args = tuple(old_vals[n].to(old_dev) for n in old_t.input_names)
+    new_args = tuple(new_vals[n].to(new_dev) for n in new_t.input_names)
     return old_args, new_args
 
 
