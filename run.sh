@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set-up and entry points. On a fresh machine each command installs what it needs first:
-#   bash run.sh demo    the main job
+#   bash run.sh demo    the main job: an OpenAI-Five-like policy through five surgeries
+#   bash run.sh map     map that policy and print its interaction table
 #   bash run.sh test    the whole test suite (what CI runs)
 #   bash run.sh bench   the benchmarks
 set -euo pipefail
@@ -23,8 +24,12 @@ setup() {
 }
 
 case "${1:-test}" in
-    demo)  setup; $PY examples/map_five.py ;;
+    demo)  setup
+           # matplotlib is for the examples only: the package does not depend on it.
+           $PY -c "import matplotlib" 2>/dev/null || $PY -m pip install -q matplotlib
+           $PY examples/five_surgery.py ;;
+    map)   setup; $PY examples/map_five.py ;;
     test)  setup; $PY -m pytest -q -p no:cacheprovider ;;
     bench) setup; $PY benchmarks/bench_map.py ;;
-    *) echo "usage: bash run.sh demo|test|bench" >&2; exit 2 ;;
+    *) echo "usage: bash run.sh demo|test|map|bench" >&2; exit 2 ;;
 esac
