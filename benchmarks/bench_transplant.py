@@ -40,6 +40,7 @@ import warnings
 import torch
 
 import fxsurgery as fs
+from fxsurgery.surgery.apply import materialise
 from fxsurgery import zoo
 
 
@@ -47,15 +48,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def materialise(model: torch.nn.Module) -> torch.nn.Module:
-    """A meta-device model gets CPU storage and its modules' own initialisation."""
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        for m in model.modules():
-            reset = getattr(m, "reset_parameters", None)
-            if callable(reset):
-                reset()
-    return model
 
 
 def on_meta(config: zoo.FiveConfig):

@@ -18,6 +18,7 @@ import time
 import torch
 
 from .cli import CliError, build, read_json_object
+from .surgery.apply import materialise
 
 __all__ = ["add_subcommand", "load_checkpoint", "load_into"]
 
@@ -95,18 +96,9 @@ def load_into(model: torch.nn.Module, state: dict, path: str) -> None:
 
 def _materialise(model: torch.nn.Module, what: str, args) -> None:
     """A model built on the meta device gets real, freshly initialised storage."""
-    if not any(t.device.type == "meta" for t in model.state_dict(keep_vars=True).values()):
-        return
-    _log(args, f"  the {what} model is on the meta device: initialising it on the cpu (reset_parameters)")
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        for m in model.modules():
-            reset = getattr(m, "reset_parameters", None)
-            if callable(reset):
-                reset()
-            reset_stats = getattr(m, "reset_running_stats", None)
-            if callable(reset_stats):
-                reset_stats()
+    if any(t.device.type == "meta" for t in model.state_dict(keep_vars=True).values()):
+        _log(args, f"  the {what} model is on the meta device: initialising it on the cpu (reset_parameters)")
+        materialise(model)
 
 
 def _rename(items) -> dict:

@@ -182,3 +182,19 @@ def select_matched(m: Match, old: torch.Tensor, new: torch.Tensor) -> tuple[torc
         new_v = new_v.index_select(d, keep)
         old_v = old_v.index_select(d, b.index.to(old.device)[keep])
     return old_v, new_v
+
+
+def materialise(model: torch.nn.Module) -> torch.nn.Module:
+    """Gives a model built on the meta device CPU storage and its modules' own
+    initialisation (reset_parameters, reset_running_stats), so that a plan can write into
+    it. A model with no meta tensor is returned untouched."""
+    if not any(t.device.type == "meta" for t in model.state_dict(keep_vars=True).values()):
+        return model
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for m in model.modules():
+            for method in ("reset_parameters", "reset_running_stats"):
+                reset = getattr(m, method, None)
+                if callable(reset):
+                    reset()
+    return model
