@@ -114,7 +114,7 @@ def _rename(items) -> dict:
 def _units(path):
     if not path:
         return None
-    return read_json_object(path, "units")  # hidden-axis group -> list of old positions
+    return read_json_object(path, "units")  # hidden-axis group -> old positions, or an axis name
 
 
 def _plan(args, need_weights: bool):
@@ -203,7 +203,8 @@ def add_subcommand(subparsers) -> None:
         p.add_argument("--input-new", action="append", help="new example input name=2x3x5[:dtype], repeatable")
         p.add_argument("--rename", action="append", metavar="OLD=NEW",
                        help="old module/parameter name prefix -> new one, repeatable")
-        p.add_argument("--units", help="JSON file: hidden-axis group -> surviving old unit positions (pruning)")
+        p.add_argument("--units", help="JSON file: hidden-axis group -> surviving old unit positions (pruning), "
+                       "or the name of the axis an inserted identity layer stands for")
         p.add_argument("--strict", action="store_true",
                        help="fail on a shape change the labels do not explain instead of re-initialising")
         p.add_argument("--new-categories", choices=NEW_CATEGORIES, default="zero",

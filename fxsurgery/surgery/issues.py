@@ -222,14 +222,19 @@ def removed_nonzero(space: LabelSpace, name: str, m, old: torch.Tensor) -> Issue
                  f"{'these units are' if what == 'pruned units' else 'these inputs are'} zero")
 
 
-def unmatched(space: LabelSpace, name: str, old_name: str, m) -> Issue | None:
+def unmatched(space: LabelSpace, name: str, old_name: str, m, inserted: bool = False) -> Issue | None:
     """Elements the labels do not account for: new elements that are not copied yet neither
     meet nor are aligned with a new label (they keep the new model's values), and old elements
     that are not copied yet hold no removed label (their values are lost). Both mean that one
     weight plays several roles whose labels moved apart (a stream channel that is a feature of
     one input and a hidden unit of another, a weight shared between old and new positions of a
-    widened axis, a grouped layer regrouped): function preservation cannot be claimed."""
+    widened axis, a grouped layer regrouped): function preservation cannot be claimed.
+    `inserted`: the parameter is aligned with an inserted layer's hidden axis (an alias of
+    `units`); its uncopied new elements are explained (inserted layer: they keep the values it
+    was built with) and not counted."""
     new_bad, old_bad = m.n_unmatched()
+    if inserted:
+        new_bad = 0
     if not new_bad and not old_bad:
         return None
     parts = []

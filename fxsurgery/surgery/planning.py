@@ -36,6 +36,7 @@ class ParamPlan:
     kind: str                     # "parameter" or "buffer"
     match: Match
     in_graph: bool = True         # False: not read by the graph, matched by name and shape only
+    inserted: tuple = ()          # the aliased hidden axes (units={"mid": "fc1"}) it is aligned with
 
     @property
     def status(self) -> str:
@@ -175,6 +176,16 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
         (hidden-axis groups named after them follow).
     units: hidden-axis group -> the old unit positions that survive, in new order (pruning):
         new unit k is old unit units[group][k]; without it units match by position.
+        A string value declares an inserted layer instead: units={"mid": "fc1"} says that the
+        new model's hidden axis `mid` (a layer the old model lacks, e.g. fc1 -> relu -> mid ->
+        fc2 with mid = nn.Linear(H, H)) has unit j standing for unit j of `fc1` (a hidden axis
+        of the old model; the sizes must be equal). Weights that meet mid[j] are then copied
+        from the old weights that met fc1[j] (fc2's columns), and mid's own parameters, which
+        are aligned with `mid`, keep the values the new model was built with. The function is
+        preserved when the inserted layer starts as the identity on its inputs (weight = I,
+        bias = 0; a relu after it is fine on relu outputs); the plan cannot check that, it
+        notes it. Without the alias `mid`'s units are new labels: the weights that meet them
+        are zeroed and the plan reports them as unmatched (no preservation claimed).
     strict: raise instead of re-initialising a parameter whose shape change its labels do not
         explain.
     new_categories: new embedding rows are "zero" (default), the "mean" of the old rows, or
@@ -223,7 +234,8 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
             m = match(space, e.shape, e.key_meets, e.key_aligned, oe.shape, oe.key_meets, oe.key_aligned)
         else:
             m = match(space, e.shape, e.key_meets, e.key_aligned)
-        params[nname] = ParamPlan(nname, oname, aliases, e.kind, m)
+        params[nname] = ParamPlan(nname, oname, aliases, e.kind, m,
+                                  inserted=_inserted(space, new_map.pool, e.key_aligned))
         if m.unexplained:
             problems.append(nname)
     # State the graph does not read (unused parameters, untouched buffers): by name and shape.
@@ -271,7 +283,7 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
             issue = removed_nonzero(space, p.old_name, p.match, old_sd.get(p.old_name))
             if issue is not None:
                 issues.append(issue)
-            issue = unmatched(space, p.name, p.old_name, p.match)
+            issue = unmatched(space, p.name, p.old_name, p.match, inserted=bool(p.inserted))
             if issue is not None:
                 issues.append(issue)
     if any(i.kind == "unmatched" for i in issues):  # then the old positions are not known to be preserved
@@ -279,6 +291,11 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
             if i.kind == "output" and i.message.endswith("; the old positions are preserved"):
                 i.message = i.message[:-len("are preserved")] + ("are preserved only where no unmatched "
                                                                  "element (below) is involved")
+    for group, target in space.unit_aliases.items():
+        names = [p.name for p in params.values() if group in p.inserted]
+        notes.append(f"{group} is an inserted layer standing for {target} (units={{{group!r}: {target!r}}}): "
+                     f"{', '.join(names) or 'its parameters'} keep the values they were built with; the new model "
+                     f"computes what the old one did only if {group} starts as the identity")
     if any(t.device.type == "meta" for t in old_sd.values()):
         notes.append("the old model is on the meta device: removed inputs were not checked for non-zero weights")
     timings["plan"] = time.perf_counter() - t0
@@ -286,6 +303,20 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
                          timings, notes + list(dict.fromkeys(old_map.notes + new_map.notes)))
     result.old_map, result.new_map = old_map, new_map
     return result
+
+
+def _inserted(space: LabelSpace, pool, aligned) -> tuple:
+    """The aliased (inserted) hidden axes whose units a parameter is aligned with."""
+    if not space.unit_aliases or aligned is None:
+        return ()
+    found = set()
+    for t in aligned.terms:
+        for sid in torch.unique(t).tolist():
+            for i in pool.sets[sid]:
+                lab = pool.labels[i]
+                if lab.kind == "unit" and lab.group in space.unit_aliases:
+                    found.add(lab.group)
+    return tuple(sorted(found))
 
 
 def _identity_blocks(m: Match, shape) -> None:

@@ -31,7 +31,10 @@ def reason(plan, p) -> str:
     if m.unexplained:
         return f"re-initialised: {m.unexplained}"
     parts = []
-    if p.old_name is None:
+    if p.inserted:
+        via = ", ".join(f"{g} = {space.unit_aliases[g]}" for g in p.inserted)
+        parts.append(f"inserted layer ({via}): keeps the values it was built with")
+    elif p.old_name is None:
         parts.append("new parameter")
     elif p.old_name != p.name:
         parts.append(f"from {p.old_name}")

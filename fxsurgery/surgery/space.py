@@ -128,6 +128,9 @@ class LabelSpace:
 
     `units`: hidden-axis group -> the old positions that survive, in new order (new unit k is
     old unit units[group][k]); groups are named as in the new model (the old name is accepted).
+    A string value declares an alias instead: `units={"mid": "fc1"}` says that the new hidden
+    axis `mid` belongs to an inserted layer whose unit j stands for unit j of `fc1` (new-side
+    labels of `mid` get the tokens of `fc1`'s units); see `unit_aliases`.
     """
 
     def __init__(self, old_map, new_map, rename=None, units=None, splits=None):
@@ -138,7 +141,9 @@ class LabelSpace:
         self.info: list[Label] = []          # token -> a label to show for it
         self.old_groups = _unit_groups(old_pool)
         self.new_groups = _unit_groups(new_pool)
+        self.unit_aliases: dict[str, str] = {}             # inserted new group -> the group it stands for
         self.unit_maps = self._check_units(units)          # new group -> {old pos: new pos}
+        self._new_units = {(lab.group, lab.index): lab for lab in new_pool.labels if lab.kind == "unit"}
         # Units that stand for categories (a tied output projection) match by category.
         old_cat = {rename_prefix(g, self.rename): v for g, v in category_units(old_map).items()}
         new_cat = category_units(new_map)
@@ -177,6 +182,11 @@ class LabelSpace:
     def _token(self, lab: Label, side: str) -> int:
         if lab.kind != "unit":
             return self._intern(("x", lab.kind, lab.group, lab.name), lab)
+        if side == "new" and lab.group in self.unit_aliases:
+            # An inserted layer's unit j is the unit j of the group it stands for.
+            target = self.unit_aliases[lab.group]
+            tlab = self._new_units.get((target, lab.index)) or Label("unit", target, str(lab.index), lab.index)
+            return self._token(tlab, "new")
         group = lab.group if side == "new" else rename_prefix(lab.group, self.rename)
         cat = self.category_units[side].get(group, {}).get(lab.index)
         if cat is not None:
@@ -262,7 +272,14 @@ class LabelSpace:
                                f"got {type(units).__name__}")
         renamed = {rename_prefix(g, self.rename): g for g in self.old_groups}
         out = {}
+        chained = {g for g, t in units.items() if isinstance(t, str)}
+        for group, target in units.items():
+            if isinstance(target, str):
+                self._check_alias(group, target, renamed, chained)
+        self._resolve_aliases()
         for group, positions in units.items():
+            if isinstance(positions, str):
+                continue
             if group in self.new_groups or group in renamed:
                 new_group = group
             elif group in self.old_groups:
@@ -296,6 +313,52 @@ class LabelSpace:
                                    f"hidden axis {new_group!r} has only {new_size}")
             out[new_group] = seen
         return out
+
+    def _check_alias(self, group, target: str, renamed: dict, chained=()) -> None:
+        """`units[group] = target`: the new hidden axis `group` is an inserted layer whose unit j
+        stands for unit j of `target` (a hidden axis of the old model, named as in either)."""
+        if not isinstance(group, str):
+            raise SurgeryError(f"units: hidden-axis groups are named by strings, got {group!r}")
+        if group not in self.new_groups:
+            raise SurgeryError(f"units[{group!r}] = {target!r}: the new model has no hidden axis {group!r} to "
+                               f"declare an inserted layer; its hidden axes are {_listing(self.new_groups)}")
+        if group in renamed:
+            raise SurgeryError(f"units[{group!r}] = {target!r}: {group!r} is a hidden axis of the old model too, "
+                               f"not an inserted layer; an alias is for a hidden axis only the new model has")
+        if target == group:
+            raise SurgeryError(f"units[{group!r}] = {target!r}: a hidden axis cannot stand for itself")
+        if target in renamed or target in chained:  # chained: an inserted layer standing for another
+            new_target = target
+        elif target in self.old_groups:
+            new_target = rename_prefix(target, self.rename)
+        else:
+            raise SurgeryError(f"units[{group!r}] = {target!r}: the old model has no hidden axis {target!r} for the "
+                               f"inserted layer {group!r} to stand for; its hidden axes are "
+                               f"{_listing(self.old_groups)}")
+        size = self.new_groups[group]
+        target_size = self.new_groups[new_target] if new_target in self.new_groups else \
+            self.old_groups[renamed[new_target]]
+        if size != target_size:
+            raise SurgeryError(f"units[{group!r}] = {target!r}: the inserted layer's hidden axis {group!r} has "
+                               f"{size} units but {target!r} has {target_size}; an inserted layer stands for "
+                               "its units one by one, so the sizes must be equal")
+        self.unit_aliases[group] = new_target
+
+    def _resolve_aliases(self) -> None:
+        """Follows chains of aliases (`mid2 -> mid -> fc1`) to the group of the old model."""
+        for group in list(self.unit_aliases):
+            seen = [group]
+            target = self.unit_aliases[group]
+            while target in self.unit_aliases:
+                if target in seen:
+                    raise SurgeryError(f"units: the aliases {' -> '.join(seen + [target])} form a cycle")
+                seen.append(target)
+                target = self.unit_aliases[target]
+            self.unit_aliases[group] = target
+
+    def inserted(self, group: str) -> str | None:
+        """The group an inserted hidden axis stands for (None if `group` is not an alias)."""
+        return self.unit_aliases.get(group)
 
 
 def describe(tokens, space: LabelSpace, limit: int = 3) -> str:
