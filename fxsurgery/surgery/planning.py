@@ -124,9 +124,24 @@ class SurgeryPlan:
             if tuple(t.shape) != tuple(want.shape):  # a bug guard: never load a wrong shape
                 raise SurgeryError(f"internal error: built {name} with shape {tuple(t.shape)}, "
                                    f"expected {tuple(want.shape)}; nothing was written")
-        result = new_model.load_state_dict(state, strict=False)
+        # Tensors built fresh are handed to the new model's parameters and buffers as their
+        # storage (one copy in all, as a state_dict copy costs); a tensor that is the old
+        # one itself is copied, so that the two models never share memory. Either way the
+        # Parameter objects stay, so tied parameters stay tied.
+        old_storage = {t.untyped_storage().data_ptr() for t in old_sd.values() if t.device.type != "meta"}
+        copied = {k: t for k, t in state.items() if t.untyped_storage().data_ptr() in old_storage}
+        handed = {k: t for k, t in state.items() if k not in copied}
+        result = new_model.load_state_dict(copied, strict=False)
         if result.unexpected_keys:  # cannot happen: keys come from new_model.state_dict()
             raise SurgeryError(f"unexpected keys {result.unexpected_keys}")
+        live = new_model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for name, t in handed.items():
+                target = live[name]
+                if t.dtype != target.dtype or t.device != target.device:
+                    target.copy_(t)
+                else:
+                    target.data = t
         self.applied = True
         return new_model
 
