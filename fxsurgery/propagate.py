@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .capture import Traced
 from .label_tensor import LabelTensor, ParamRef, compress, full_ids
-from .labels import EMPTY, Categories, Features, Label, SetPool
+from .labels import Categories, Features, Label, SetPool
 from .rules.registry import REGISTRY, RuleRegistry
 from .terms import Terms
 

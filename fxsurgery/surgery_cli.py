@@ -10,7 +10,6 @@ its checkpoint, the new one on the CPU with each module's `reset_parameters()`.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time

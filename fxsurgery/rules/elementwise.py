@@ -2,7 +2,6 @@
 derivative is zero (comparisons, rounding, creation)."""
 from __future__ import annotations
 
-import torch
 
 from ..label_tensor import LabelTensor, ParamRef
 from ._ops import ops

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..label_tensor import LabelTensor, ParamRef
+from ..label_tensor import LabelTensor
 from .._sort import unique
 from ..labels import EMPTY
 from ._ops import ops

@@ -16,7 +16,6 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..label_tensor import MAX_INDEX_NUMEL, LabelTensor, ParamRef, compress, full_ids
-from ..labels import EMPTY
 
 __all__ = ["bind_args", "elementwise", "movement", "reduce", "mixing", "no_dependence", "reduce_to",
            "union", "dims_of", "param_free"]

@@ -11,7 +11,7 @@ import torch
 
 from ..label_tensor import LabelTensor, ParamRef
 from ._ops import ops
-from .helpers import movement, reduce_to
+from .helpers import movement
 from .registry import register
 
 MOVES = ops(

@@ -6,7 +6,7 @@ import torch
 
 from ..label_tensor import LabelTensor, ParamRef
 from ._ops import ops
-from .helpers import dims_of, mixing, no_dependence, reduce
+from .helpers import mixing, no_dependence, reduce
 from .registry import register
 
 
