@@ -1,6 +1,6 @@
 """Keeps an OpenAI-Five-like policy alive through five surgeries, and compares it with retraining.
 
-    python examples/five_surgery.py [--steps 300] [--out examples/out]
+    python examples/five_surgery.py [--steps 600] [--batch 128] [--out examples/out]
 
 A `FivePolicy` (entity groups encoded per entity and max-pooled, an embedding of a categorical
 input, an LSTM core, action heads; `fxsurgery.zoo.five_config_small`) imitates a fixed random
@@ -82,6 +82,9 @@ CHANGES = [
     ("widen LSTM core 32 -> 64", widen_core),
     ("add head use_item (3 actions)", add_head),
 ]
+
+
+SHORT = ["+ features", f"- {STALE}", "reorder inventory", "core 32 -> 64", "+ head use_item"]  # plot labels
 
 
 def configs() -> list[FiveConfig]:
@@ -211,8 +214,8 @@ def fmt_losses(losses: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=300, help="training steps per phase (default 300)")
-    ap.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
+    ap.add_argument("--steps", type=int, default=600, help="training steps per phase (default 600)")
+    ap.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
     ap.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="examples/out", help="directory for five_surgery.png")
@@ -316,7 +319,7 @@ def main(argv=None) -> int:
           "with it at zero; new head: over the old heads). 'loss after' for the new head includes the new, "
           "untrained head.")
 
-    path = plot(segments, scratch, [r[1] for r in rows], args)
+    path = plot(segments, scratch, SHORT, args)
     print(f"\nplot: {path}")
     print(f"runtime: {runtime:.1f}s (plot included: {time.perf_counter() - t_start:.1f}s)")
     if failures:
@@ -343,8 +346,9 @@ def plot(segments, scratch, titles, args) -> Path:
     top = max(y for h in [*segments, *(s.history for s in scratch)] for _, y in h)
     for k, (learner, title) in enumerate(zip(scratch, titles), start=1):
         ax.axvline(learner.start, color=colors[k % 10], lw=1, alpha=0.7)
-        ax.text(learner.start + args.steps * 0.02, top * 0.98, f"{k}. {title}", rotation=90, va="top",
-                ha="left", fontsize=8, color=colors[k % 10])
+        ax.text(learner.start + args.steps * 0.03, top * 0.03, f"{k}. {title}", rotation=90, va="bottom",
+                ha="left", fontsize=9, color=colors[k % 10],
+                bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
     ax.set_xlabel("training step")
     ax.set_ylabel("imitation loss (mean cross-entropy over heads, held-out)")
     ax.set_title("FivePolicy kept alive through 5 surgeries (fxsurgery) vs. retrained from scratch at each change")
