@@ -1,4 +1,7 @@
 """Small helpers shared by the tests: label names of a parameter, row by row."""
+import torch
+import torch.nn as nn
+
 import fxsurgery as fs
 
 
@@ -13,3 +16,16 @@ def element(imap: fs.InteractionMap, param: str, index) -> set[str]:
 def key(imap: fs.InteractionMap, param: str, index) -> tuple[set[str], set[str]]:
     meets, aligned = imap.key_of(param, tuple(index))
     return names(meets), names(aligned)
+
+
+class Tied(nn.Module):
+    """An embedding whose table is also the output projection (tied weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(4, 3)
+        self.out = nn.Linear(3, 4, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tok):
+        return self.out(torch.tanh(self.emb(tok)))

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import fxsurgery as fs
-from helpers import element, key, names
+from helpers import Tied, element, key, names
 
 OBS = ["hp", "mana", "x", "y"]
 
@@ -134,17 +134,6 @@ def test_unnamed_inputs_get_one_label_each():
     imap = fs.interaction_map(fs.trace(TwoGroups(), (torch.randn(1, 3), torch.randn(1, 2))))
     assert names(imap.labels_of("head.weight")) == {"a", "b"}
     assert element(imap, "head.weight", (0, 0)) == {"a"}
-
-
-class Tied(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(4, 3)
-        self.out = nn.Linear(3, 4, bias=False)
-        self.out.weight = self.emb.weight
-
-    def forward(self, tok):
-        return self.out(torch.tanh(self.emb(tok)))
 
 
 def test_tied_weights_are_one_entry_with_both_names():

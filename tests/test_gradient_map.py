@@ -178,16 +178,7 @@ def test_meta_device_model():
 
 
 def test_tied_weights_keep_their_aliases():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(4, 3)
-            self.out = nn.Linear(3, 4, bias=False)
-            self.out.weight = self.emb.weight
-
-        def forward(self, tok):
-            return self.out(torch.tanh(self.emb(tok)))
-
+    from helpers import Tied
     t = fs.trace(Tied(), (torch.randint(0, 4, (2, 5)),), {"tok": fs.Categories(list("wxyz"))})
     g, b = gradient_interaction_map(t), fs.interaction_map(t)
     assert g == b, str(fs.compare(g, b))
