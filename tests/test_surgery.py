@@ -669,14 +669,14 @@ def test_a_failed_apply_leaves_the_new_model_untouched(monkeypatch):
     before = {k: v.clone() for k, v in new.state_dict().items()}
     calls = []
 
-    def failing(*args, **kwargs):  # fails on the fourth parameter, after three were built
+    def failing(*args, **kwargs):  # fails on the fourth parameter, after three were prepared
         calls.append(1)
         if len(calls) == 4:
             raise RuntimeError("disk on fire")
         return real(*args, **kwargs)
 
-    real = plan_module.build
-    monkeypatch.setattr(plan_module, "build", failing)
+    real = plan_module.in_place_writes
+    monkeypatch.setattr(plan_module, "in_place_writes", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         p.apply()
     assert all(torch.equal(before[k], v) for k, v in new.state_dict().items())
@@ -695,3 +695,41 @@ def test_bad_options():
         plan(old, new, new_categories="random")
     with pytest.raises(SurgeryError, match="expects traced models"):
         plan(MLP(), new)
+
+
+@pytest.mark.parametrize("change", ["reorder and add", "widen core", "categories mean", "float64 old"])
+def test_in_place_writes_equal_the_fresh_build(change):
+    """apply() writes into the new model's own tensors where it can and builds fresh tensors
+    otherwise; both ways must give the same bits for every parameter of the same plan."""
+    from fxsurgery.surgery.apply import build, in_place_writes
+    old, oi, of = five_old()
+    cfg = five_config_small()
+    how = "zero"
+    if change == "reorder and add":
+        n, names = cfg.groups["allies"]
+        cfg.groups["allies"] = (n, tuple(reversed(names)) + ("allies.new",))
+    elif change == "widen core":
+        cfg.core += 3
+    elif change == "categories mean":
+        cfg.categories["enemy_type"] = cfg.categories["enemy_type"] + ["shrine", "outpost"]
+        how = "mean"
+    if change == "float64 old":
+        old = old.double()
+    new, ni, nf = five(cfg)
+    p = plan(fs.trace(old, oi if change != "float64 old" else
+                      {k: (v.double() if v.is_floating_point() else v) for k, v in oi.items()}, of),
+             fs.trace(new, ni, nf), new_categories=how)
+    old_sd, new_sd = old.state_dict(), new.state_dict()
+    in_place = 0
+    for q in p.params.values():
+        o = old_sd[q.old_name] if q.old_name is not None else None
+        fresh = build(q.match, o, new_sd[q.name], how)
+        dest = new_sd[q.name].clone()
+        writes = in_place_writes(q.match, o, dest, how)
+        if writes is None:
+            continue
+        in_place += 1
+        for w in writes:
+            w()
+        assert torch.equal(dest, fresh), q.name
+    assert in_place >= len(p.params) // 2

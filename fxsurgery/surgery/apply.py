@@ -19,7 +19,7 @@ import torch
 from .._sort import searchsorted
 from .match import Match
 
-__all__ = ["build", "select_matched", "RUN_LIMIT"]
+__all__ = ["build", "in_place_writes", "select_matched", "RUN_LIMIT"]
 
 RUN_LIMIT = 8          # at most this many copied stretches along an axis are copied as slices
 REGION_LIMIT = 64      # and at most this many slice copies per parameter
@@ -139,16 +139,8 @@ def _mean_rows(m: Match, out: torch.Tensor, maps) -> None:
 def _gather(old: torch.Tensor, maps, new_shape) -> torch.Tensor:
     """old re-indexed along every axis by `maps` (-1 positions hold arbitrary values)."""
     runs = [_runs(idx) for idx in maps]
+    index_axes = _index_axes(runs)
     src = old
-    index_axes = {d for d, r in enumerate(runs) if len(r) > RUN_LIMIT}
-    while True:
-        n_regions = 1
-        for d, r in enumerate(runs):
-            n_regions *= 1 if d in index_axes else max(len(r), 1)
-        if n_regions <= REGION_LIMIT:
-            break
-        d = max((d for d in range(len(runs)) if d not in index_axes), key=lambda d: len(runs[d]))
-        index_axes.add(d)
     for d in sorted(index_axes):
         src = src.index_select(d, maps[d].clamp(min=0))
     # Axes left: copied as slices. Identity axes are a single full run.
@@ -157,17 +149,91 @@ def _gather(old: torch.Tensor, maps, new_shape) -> torch.Tensor:
     if full:
         return src if src is not old else old.clone()
     out = torch.empty(new_shape, dtype=old.dtype, device=old.device)
-    per_axis = []
-    for d in range(len(maps)):
-        if d in index_axes:
-            per_axis.append([(0, 0, new_shape[d])])
-        else:
-            per_axis.append(runs[d])
-    for combo in itertools.product(*per_axis):
-        dst_sl = tuple(slice(s, s + n) for s, _, n in combo)
-        src_sl = tuple(slice(o, o + n) for _, o, n in combo)
+    for dst_sl, src_sl in _copy_regions(runs, index_axes, new_shape):
         out[dst_sl].copy_(src[src_sl])
     return out
+
+
+def _copy_regions(runs, index_axes, new_shape):
+    """(destination slices, source slices) of every region copied as a slice: the product of
+    the per-axis runs, index axes taken whole (their source is already re-indexed)."""
+    per_axis = [[(0, 0, new_shape[d])] if d in index_axes else runs[d] for d in range(len(runs))]
+    for combo in itertools.product(*per_axis):
+        yield (tuple(slice(s, s + n) for s, _, n in combo), tuple(slice(o, o + n) for _, o, n in combo))
+
+
+def _index_axes(runs) -> set:
+    """The axes re-indexed with index_select rather than copied run by run: those with many
+    runs, then the longest ones until the number of slice copies is small."""
+    index_axes = {d for d, r in enumerate(runs) if len(r) > RUN_LIMIT}
+    while math.prod(1 if d in index_axes else max(len(r), 1) for d, r in enumerate(runs)) > REGION_LIMIT:
+        index_axes.add(max((d for d in range(len(runs)) if d not in index_axes), key=lambda d: len(runs[d])))
+    return index_axes
+
+
+def in_place_writes(m: Match, old: torch.Tensor | None, dest: torch.Tensor, new_categories: str = "zero"):
+    """The new value of one parameter as deferred writes into `dest`, which holds the new
+    model's own values: a list of calls that allocate nothing and cannot fail on shape, to be
+    run after every parameter has been prepared. Whatever needs memory (an axis re-indexed
+    by a reordering, a dtype conversion) is computed here, before any write. None when the
+    value cannot be written in place (the caller builds it fresh with `build`): positions that
+    keep the new model's values along an axis that is re-indexed, mean rows for new
+    categories, a grouping of axes that `dest` cannot be viewed as."""
+    if m.unexplained:
+        return []
+    zero_pos = _zero_positions(m, new_categories)
+    zero_everything = m.zero_all and not (m.category_all and new_categories != "zero")
+    if zero_everything and not (m.copy and old is not None):
+        return [dest.zero_]
+    if m.copy and old is not None and m.identity:
+        return [lambda: dest.copy_(old)]
+    view = _dest_view(dest, m.blocks)
+    if view is None:
+        return None
+    if not m.copy or old is None:
+        return _zero_writes(view, zero_pos)
+    if new_categories == "mean" and any(bool((b.category & (b.index < 0)).any()) for b in m.blocks):
+        return None
+    maps = [b.index.to(dest.device) for b in m.blocks]
+    missing = [torch.nonzero(idx < 0).reshape(-1) for idx in maps]
+    # Zeroing whole slabs along an axis is right only if no zeroed position is also copied.
+    if any(bool((z.to(idx.device) & (idx >= 0)).any()) for z, idx in zip(zero_pos, maps)):
+        return None
+    runs = [_runs(idx) for idx in maps]
+    index_axes = _index_axes(runs)
+    if any(missing[d].numel() for d in index_axes):
+        return None
+    src, _ = _block_view(old, m.blocks, "old_shape")
+    for d in sorted(index_axes):
+        src = src.index_select(d, maps[d].to(src.device))
+    if src.device != dest.device or src.dtype != dest.dtype:
+        src = src.to(device=dest.device, dtype=dest.dtype)
+    writes = [lambda d_sl=d_sl, s_sl=s_sl: view[d_sl].copy_(src[s_sl])
+              for d_sl, s_sl in _copy_regions(runs, index_axes, tuple(view.shape))]
+    if zero_everything:
+        return writes + _zero_writes(view, missing)
+    return writes + _zero_writes(view, zero_pos)
+
+
+def _dest_view(dest: torch.Tensor, blocks):
+    """`dest` with its axes grouped block by block, sharing its memory, or None."""
+    if all(len(b.axes) == 1 for b in blocks):
+        return dest
+    perm = [a for b in blocks for a in b.axes]
+    try:
+        return dest.permute(perm).view([math.prod(b.new_shape) for b in blocks])
+    except RuntimeError:
+        return None
+
+
+def _zero_writes(view: torch.Tensor, positions) -> list:
+    """Zero every slab view[..., i, ...] along each axis d for i in positions[d] (bool or index)."""
+    writes = []
+    for d, pos in enumerate(positions):
+        idx = torch.nonzero(pos).reshape(-1) if pos.dtype == torch.bool else pos
+        if idx.numel():
+            writes.append(lambda d=d, idx=idx.to(view.device): view.index_fill_(d, idx, 0))
+    return writes
 
 
 def select_matched(m: Match, old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 
 from ..capture import Traced, trace
 from ..interaction_map import interaction_map
-from .apply import build
+from .apply import build, in_place_writes
 from .issues import Issue, check_points, graph_points, match_outputs, output_keys, removed_nonzero, unmatched
 from .match import Match, match
 from .splits import unit_splits
@@ -102,43 +102,56 @@ class SurgeryPlan:
 
     # applying -------------------------------------------------------------------------
     def apply(self, progress: Callable[[str, int, int], None] | None = None) -> torch.nn.Module:
-        """Builds the complete new state, then loads it into the new model (and returns it).
-        Nothing is written if anything fails; the old model is only read. `progress(name,
-        done, total)` is called after each parameter (element counts)."""
+        """Carries the weights into the new model (and returns it). Nothing is written if
+        anything fails; the old model is only read. `progress(name, done, total)` is called
+        after each parameter is prepared (element counts).
+
+        Two phases. First every parameter is prepared: checked, and whatever needs memory is
+        computed (a reordering's re-indexed copy, a tensor that cannot be written in place).
+        Then, and only then, the writes: slice copies and zero fills into the new model's own
+        tensors, whose shapes were checked, and fresh tensors handed over as storage. Writing
+        into memory the new model already owns costs what a state_dict copy costs; building
+        every changed parameter in fresh memory first costs several times more (page faults).
+        """
         old_model, new_model = self.old.model, self.new.model
         old_sd = old_model.state_dict()
         new_sd = new_model.state_dict()
         self._check_states(old_sd, new_sd)
-        state: dict[str, torch.Tensor] = {}
+        old_storage = {t.untyped_storage().data_ptr() for t in old_sd.values() if t.device.type != "meta"}
+        writes: list = []
+        fresh: dict[str, torch.Tensor] = {}
         total = sum(int(new_sd[p.name].numel()) for p in self.params.values())
         done = 0
         with torch.no_grad():
             for p in self.params.values():
                 old = old_sd[p.old_name] if p.old_name is not None else None
-                state[p.name] = build(p.match, old, new_sd[p.name], self.new_categories)
-                done += int(new_sd[p.name].numel())
+                dest = new_sd[p.name]
+                # A new tensor that shares memory with an old one is never written into.
+                w = None if dest.untyped_storage().data_ptr() in old_storage else \
+                    in_place_writes(p.match, old, dest, self.new_categories)
+                if w is None:
+                    fresh[p.name] = build(p.match, old, dest, self.new_categories)
+                else:
+                    writes.extend(w)
+                done += int(dest.numel())
                 if progress is not None:
                     progress(p.name, done, total)
-        for name, t in state.items():
+        for name, t in fresh.items():
             want = new_sd[name]
             if tuple(t.shape) != tuple(want.shape):  # a bug guard: never load a wrong shape
                 raise SurgeryError(f"internal error: built {name} with shape {tuple(t.shape)}, "
                                    f"expected {tuple(want.shape)}; nothing was written")
-        # Tensors built fresh are handed to the new model's parameters and buffers as their
-        # storage (one copy in all, as a state_dict copy costs); a tensor that is the old
-        # one itself is copied, so that the two models never share memory. Either way the
-        # Parameter objects stay, so tied parameters stay tied.
-        old_storage = {t.untyped_storage().data_ptr() for t in old_sd.values() if t.device.type != "meta"}
-        copied = {k: t for k, t in state.items() if t.untyped_storage().data_ptr() in old_storage}
-        handed = {k: t for k, t in state.items() if k not in copied}
-        result = new_model.load_state_dict(copied, strict=False)
-        if result.unexpected_keys:  # cannot happen: keys come from new_model.state_dict()
-            raise SurgeryError(f"unexpected keys {result.unexpected_keys}")
+        # Fresh tensors are handed to the new model's parameters and buffers as their storage;
+        # a tensor that is the old one itself is copied, so that the two models never share
+        # memory. Either way the Parameter objects stay, so tied parameters stay tied.
         live = new_model.state_dict(keep_vars=True)
         with torch.no_grad():
-            for name, t in handed.items():
+            for write in writes:
+                write()
+            for name, t in fresh.items():
                 target = live[name]
-                if t.dtype != target.dtype or t.device != target.device:
+                if t.untyped_storage().data_ptr() in old_storage or t.dtype != target.dtype \
+                        or t.device != target.device:
                     target.copy_(t)
                 else:
                     target.data = t
