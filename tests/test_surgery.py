@@ -262,7 +262,7 @@ def test_adding_categories_with_a_tied_output_projection(how):
     elif how == "mean":
         assert torch.allclose(added, old.emb.weight.mean(0, keepdim=True).expand(2, -1))
     assert torch.equal(new.mix.weight, old.mix.weight)
-    out_issue = [i for i in p.issues if i.kind == "output"]
+    out_issue = [i for i in p.issues if i.kind == "new output"]
     assert out_issue and "gains 16 elements" in out_issue[0].message
     assert v.outputs[0].compared == 2 * 4 * 5 and "old positions" in v.outputs[0].note
 
@@ -311,7 +311,7 @@ def test_a_softmax_over_new_actions_is_reported_and_old_positions_compared():
     old, new = Policy(3), Policy(5)
     p = plan(fs.trace(old, {"obs": torch.randn(2, 4)}, feats(OBS)), fs.trace(new, {"obs": torch.randn(2, 4)}, feats(OBS)))
     kinds = sorted(i.kind for i in p.issues)
-    assert kinds == ["output", "softmax"], p.issues
+    assert kinds == ["new output", "softmax"], p.issues
     softmax = next(i for i in p.issues if i.kind == "softmax")
     assert "logits[3, 4]" in softmax.message
     p.apply()

@@ -20,7 +20,10 @@ __all__ = ["Issue", "graph_points", "output_keys", "check_points", "match_output
 
 @dataclass
 class Issue:
-    kind: str       # "normalisation", "softmax", "output", "removed input", "pruned units", "unmatched"
+    kind: str       # "normalisation", "softmax", "output", "removed input", "pruned units", "unmatched",
+    #                 or "new output": an output (or positions of one) the old model has no value for.
+    #                 The old outputs are still computed exactly, so it does not count against
+    #                 `SurgeryPlan.preserves_function`; it is said so that nobody is surprised.
     where: str      # node or parameter
     message: str
 
@@ -168,7 +171,7 @@ def match_outputs(space: LabelSpace, old_outputs, new_outputs) -> tuple[list, li
         if new is None or old is None:
             matches.append(None)
             if new is not None:
-                issues.append(Issue("output", f"output {i}", "is new: the old model has no such output"))
+                issues.append(Issue("new output", f"output {i}", "is new: the old model has no such output"))
             continue
         (ns, nids), (os_, oids) = new, old
         m = match(space, ns, _terms(ns, nids), None, os_, _terms(os_, oids), None)
@@ -181,7 +184,7 @@ def match_outputs(space: LabelSpace, old_outputs, new_outputs) -> tuple[list, li
         gained = _numel(ns) - m.n_copied()
         if gained:
             labels = describe(m.new_met, space) or "unlabelled positions"
-            issues.append(Issue("output", f"output {i}", f"gains {gained} elements ({labels}) that the old model "
+            issues.append(Issue("new output", f"output {i}", f"gains {gained} elements ({labels}) that the old model "
                                 "has no value for; the old positions are preserved"))
     return matches, issues
 

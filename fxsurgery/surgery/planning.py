@@ -81,8 +81,10 @@ class SurgeryPlan:
 
     @property
     def preserves_function(self) -> bool:
-        """True when no place was found where the new model must compute something else."""
-        return not self.issues and not any(p.match.unexplained for p in self.params.values())
+        """True when no place was found where the new model must compute something else than
+        the old one did. New outputs, and new positions of an output, do not count: the old
+        ones are computed exactly (they are listed among the issues all the same)."""
+        return all(i.kind == "new output" for i in self.issues) and not any(p.match.unexplained for p in self.params.values())
 
     def table(self, tablefmt: str = "simple") -> str:
         return report.table(self, tablefmt)
@@ -316,7 +318,7 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
                 issues.append(issue)
     if any(i.kind == "unmatched" for i in issues):  # then the old positions are not known to be preserved
         for i in issues:
-            if i.kind == "output" and i.message.endswith("; the old positions are preserved"):
+            if i.kind == "new output" and i.message.endswith("; the old positions are preserved"):
                 i.message = i.message[:-len("are preserved")] + ("are preserved only where no unmatched "
                                                                  "element (below) is involved")
     for group, target in space.unit_aliases.items():
