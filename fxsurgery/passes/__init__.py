@@ -1,0 +1,19 @@
+"""Rewriting passes: the modified model made from the old one, with no new model code.
+
+    gm = fs.passes.add_features(fs.trace(model, inputs, features), "obs", ["armor", "speed"])
+    gm = fs.passes.widen(gm, "core", 4096)         # a pass's output goes into the next pass
+    fs.verify(gm.meta["fxsurgery"]["plan"])        # the old and new model on random inputs
+
+Modules: sizing (one axis: how a new label order resizes it), reach (every class a change
+drags along and the new shape of every value), graph (the new GraphModule: resized parameters,
+re-specialised literal shapes), core (trace -> reach -> rewrite -> plan -> apply), resize
+(features, categories, units), structure (inserted layers, attention heads), infra (the passes
+as torch.fx pass-infrastructure citizens).
+"""
+from .core import PassError, as_traced
+from .resize import (add_categories, add_features, prune_units, remove_features, reorder_features,
+                     unit_groups, widen)
+from .sizing import Order, SizingError
+
+__all__ = ["add_features", "remove_features", "reorder_features", "add_categories", "widen", "prune_units",
+           "unit_groups", "PassError", "SizingError", "Order", "as_traced"]

@@ -1,0 +1,111 @@
+"""The common path of every resizing pass: a change of label orders -> the new GraphModule
+with the old weights carried over by the surgery planner.
+
+    source -> Traced (fs.trace, unless given one) -> interaction map (keys)
+           -> reach (classes dragged along, the new shape of everything)
+           -> new GraphModule (resized parameters, re-specialised shapes), checked on meta tensors
+           -> fs.trace of the new module -> fs.plan(old, new) -> plan.apply()
+
+The returned module is an ordinary `torch.fx.GraphModule`: it trains, saves and loads a
+state_dict under the old names, and it can be traced and changed again (it remembers its
+example inputs and features in `gm.meta`, so a pass accepts it directly). The plan is in
+`gm.meta["fxsurgery"]["plan"]`: its table, issues and `fs.verify(plan)` say what was carried
+over and whether the function is preserved. Nothing of the old model is written.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from ..capture import Traced, trace
+from ..interaction_map import interaction_map
+from ..labels import Categories, Features
+from ..surgery.planning import plan as make_plan
+from .graph import build_graph_module, check_shapes
+from .reach import reach
+from .sizing import Order, SizingError
+
+__all__ = ["PassError", "as_traced", "rewrite", "META"]
+
+META = "fxsurgery"
+
+
+class PassError(SizingError):
+    """A pass was asked for something the model does not have or the graph cannot express."""
+
+
+def as_traced(model, inputs=None, features=None) -> Traced:
+    """A Traced from a Traced, a GraphModule made by a pass (its inputs and features are
+    remembered), or a module with example inputs and features."""
+    if isinstance(model, Traced):
+        return model
+    if not isinstance(model, torch.nn.Module):
+        raise PassError(f"expected a traced model (fs.trace) or a torch.nn.Module, got {type(model).__name__}")
+    meta = getattr(model, "meta", None)
+    if inputs is None and isinstance(meta, dict) and META in meta:
+        inputs = meta[META]["inputs"]
+        features = meta[META]["features"] if features is None else features
+    if inputs is None:
+        raise PassError(f"{type(model).__name__}: give example inputs (and features) with the module, or "
+                        "pass fs.trace(model, inputs, features)")
+    return trace(model, inputs, features)
+
+
+@dataclass
+class Change:
+    """What a pass asks: new orders of label classes, the new descriptions of the inputs, the
+    example inputs of the new model, and how the planner should match what it cannot tell."""
+    orders: dict
+    descriptions: dict
+    inputs: dict
+    units: Mapping | None = None
+    new_categories: str = "zero"
+    what: str = ""
+
+
+def new_inputs(traced: Traced, shapes: Mapping[str, tuple]) -> dict:
+    """Example inputs of the new model: the old ones, resized where the change reaches an input
+    (new positions filled with random values of the input's kind)."""
+    out = {}
+    for name, x in zip(traced.input_names, traced.inputs):
+        shape = shapes.get(name)
+        if shape is None or not isinstance(x, torch.Tensor):
+            out[name] = x
+            continue
+        if x.is_floating_point():
+            y = torch.randn(shape, dtype=x.dtype, device=x.device)
+        else:
+            y = torch.zeros(shape, dtype=x.dtype, device=x.device)
+        region = tuple(slice(0, min(a, b)) for a, b in zip(x.shape, shape))
+        y[region] = x[region] if x.device.type != "meta" else y[region]
+        out[name] = y
+    return out
+
+
+def rewrite(traced: Traced, change: Change) -> torch.fx.GraphModule:
+    imap = interaction_map(traced)
+    r = reach(traced, imap, change.orders)
+    gm, shapes = build_graph_module(traced, r)
+    inputs = change.inputs
+    for name, shape in r.input_shapes.items():
+        got = tuple(inputs[name].shape)
+        if got != shape:
+            raise PassError(f"{change.what}: input {name!r} must become {shape} after the change, but its new "
+                            f"example has shape {got}")
+    check_shapes(gm, tuple(inputs[n] for n in traced.input_names), shapes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        new = trace(gm, inputs, change.descriptions)
+    # Units kept in another order or pruned, in the asked axis and every axis it drags along.
+    units = dict(change.units or {})
+    for (kind, group), o in r.orders.items():
+        if kind == "unit" and o.n_new == 0 and o.members != list(range(len(o.members))):
+            units.setdefault(group, list(o.members))
+    p = make_plan(traced, new, units=units or None, new_categories=change.new_categories)
+    p.apply()
+    gm.meta[META] = {"plan": p, "inputs": inputs, "features": dict(change.descriptions), "reach": r,
+                     "what": change.what, "traced": new}
+    return gm

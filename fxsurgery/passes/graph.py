@@ -1,0 +1,236 @@
+"""Building the new GraphModule: the old graph, unlifted into an ordinary module, with its
+parameters resized and the literal shapes in its operators re-specialised.
+
+torch.export bakes every shape into the graph as literal integers (`view(x, [2, 3, 4, 8])`,
+`zeros([1, 2, 32])`, `layer_norm(x, [32], ...)`). `reach` gives the new shape of every labelled
+value; operators whose arguments spell a shape get it here, one rule per argument convention
+(a shape, split sizes, a normalised shape, a range end). A value without labels that is created
+from a shape (an LSTM's zero initial state) takes the shape of the output of its consumer that
+it stands for. The result is then run on meta tensors and every value's shape is checked against
+`reach`, so that a rewrite that would compute something else fails here, naming the node.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import operator
+
+import torch
+import torch.fx
+
+from .reach import Reach
+from .sizing import SizingError
+
+__all__ = ["build_graph_module", "initial_values", "check_shapes"]
+
+aten = torch.ops.aten
+
+_SHAPE_ARG = {  # overload packet -> index of the argument that is the output shape
+    "view": 1, "_unsafe_view": 1, "reshape": 1, "view_copy": 1, "expand": 1, "expand_copy": 1,
+    "broadcast_to": 1, "new_zeros": 1, "new_ones": 1, "new_empty": 1, "new_full": 1,
+    "zeros": 0, "ones": 0, "empty": 0, "full": 0, "rand": 0, "randn": 0, "empty_strided": 0,
+}
+_CREATES = {"zeros", "ones", "empty", "full", "rand", "randn", "new_zeros", "new_ones", "new_empty",
+            "new_full", "empty_strided"}
+_NORMALISED_SHAPE = {"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"}
+
+
+def _packet(node) -> str:
+    t = node.target
+    return t._overloadpacket.__name__ if hasattr(t, "_overloadpacket") else ""
+
+
+def _where(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    return f"node %{node.name}" + (f" (in {path})" if path else "")
+
+
+def _old_shape(node):
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _infer_created(graph, shapes: dict) -> None:
+    """Label-free values created from a shape (zeros for an LSTM's initial state) take the new
+    shape of the output of their consumer that has their old shape (the final state)."""
+    for node in graph.nodes:
+        if node.op != "call_function" or _packet(node) not in _CREATES or node.name in shapes:
+            continue
+        old = _old_shape(node)
+        for user in _consumers(node):
+            for out in _outputs(user):
+                if out.name in shapes and _old_shape(out) == old:
+                    shapes[node.name] = shapes[out.name]
+                    break
+            if node.name in shapes:
+                break
+
+
+def _consumers(node):
+    """Users, looking through the list an LSTM takes its initial states in."""
+    for u in node.users:
+        yield u
+
+
+def _outputs(node):
+    if isinstance(node.meta.get("val"), (tuple, list)):
+        return [u for u in node.users if u.target is operator.getitem]
+    return [node]
+
+
+def _rewrite_args(node, shapes: dict) -> None:
+    """Re-specialises the literal shapes in one node's arguments."""
+    name = _packet(node)
+    new = shapes.get(node.name)
+    args = list(node.args)
+    if name in _SHAPE_ARG and new is not None:
+        i = _SHAPE_ARG[name]
+        if i < len(args):
+            args[i] = list(new)
+        elif "size" in node.kwargs:
+            node.kwargs = {**node.kwargs, "size": list(new)}
+    elif name in ("split", "split_with_sizes", "unsafe_split", "unsafe_split_with_sizes"):
+        dim = args[2] if len(args) > 2 else node.kwargs.get("dim", 0)
+        outs = sorted((u for u in node.users if u.target is operator.getitem), key=lambda u: u.args[1])
+        sizes = [(shapes.get(u.name) or _old_shape(u))[dim] for u in outs]
+        if len(outs) != len(node.meta["val"]):
+            raise SizingError(f"{_where(node)}: a split whose parts are not all used cannot be resized")
+        if sizes != [_old_shape(u)[dim] for u in outs]:
+            node.target = aten.split_with_sizes.default
+            args = [args[0], sizes, dim]
+    elif name == "unflatten" and new is not None:
+        dim = args[1] % len(new)
+        args[2] = list(new[dim:dim + len(args[2])])
+    elif name in _NORMALISED_SHAPE:
+        x = args[0]
+        xs = shapes.get(x.name) or _old_shape(x)
+        args[1] = list(xs[len(xs) - len(args[1]):])
+    elif name == "arange" and new is not None:
+        if len(args) == 1:
+            args[0] = new[0]
+        else:
+            step = args[2] if len(args) > 2 else 1
+            args[1] = args[0] + new[0] * step
+    elif name == "slice":
+        x = args[0]
+        dim = args[1] if len(args) > 1 else 0
+        old_in, new_in = _old_shape(x), shapes.get(x.name)
+        if new_in is not None and new_in[dim] != old_in[dim]:
+            start = args[2] if len(args) > 2 else 0
+            end = args[3] if len(args) > 3 else None
+            step = args[4] if len(args) > 4 else 1
+            if (start in (0, None)) and (end is None or end >= old_in[dim]) and step == 1:
+                args[3:4] = [new_in[dim]] if len(args) > 3 else []
+            elif new is None or new[dim] == _old_shape(node)[dim]:
+                pass  # a slice that keeps its size (a prefix): the same literal positions
+            else:
+                raise SizingError(f"{_where(node)}: slices axis {dim} of a value the change resizes; "
+                                  "the new bounds cannot be told")
+    node.args = tuple(args)
+
+
+def initial_values(old: torch.Tensor, shape: tuple, name: str) -> torch.Tensor:
+    """The value a resized parameter or buffer starts from before the plan carries the old
+    elements over: what a fresh layer would hold. A constant tensor (a norm's ones or zeros)
+    stays that constant; a running variance starts at one and a running mean at zero; a weight
+    is drawn like torch's Linear and Conv (uniform within 1/sqrt(fan-in)); another vector
+    follows its old values' mean and spread."""
+    with torch.no_grad():
+        if not old.is_floating_point() or old.numel() == 0:
+            out = torch.zeros(shape, dtype=old.dtype, device=old.device)
+            if old.numel():
+                out.fill_(old.reshape(-1)[0].item())
+            return out
+        flat = old.reshape(-1)
+        if bool((flat == flat[0]).all()):
+            return torch.full(shape, flat[0].item(), dtype=old.dtype, device=old.device)
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "running_var":
+            return torch.ones(shape, dtype=old.dtype, device=old.device)
+        if leaf == "running_mean":
+            return torch.zeros(shape, dtype=old.dtype, device=old.device)
+        if len(shape) >= 2:
+            fan_in = math.prod(shape[1:])
+            bound = 1 / math.sqrt(max(fan_in, 1))
+            return torch.empty(shape, dtype=old.dtype, device=old.device).uniform_(-bound, bound)
+        std = float(flat.float().std()) if flat.numel() > 1 else 0.0
+        return torch.empty(shape, dtype=old.dtype, device=old.device).normal_(float(flat.float().mean()), std)
+
+
+def build_graph_module(traced, r: Reach) -> tuple[torch.fx.GraphModule, dict]:
+    """The new module: fresh parameters and buffers (resized ones initialised, the others
+    copies), the graph with its shapes re-specialised; and the new shape of every value that
+    changes (for `check_shapes`). The old model is only read."""
+    old_gm = traced.program.module()
+    state = dict(old_gm.state_dict(keep_vars=True))
+    memo = {}
+    tied = {}
+    for name, t in state.items():
+        if id(t) in tied:          # a tied tensor: one new tensor for all its names
+            continue
+        shape = r.param_shapes.get(traced.canonical(name)) or r.param_shapes.get(name)
+        if t.device.type == "meta":
+            value = torch.empty(shape or tuple(t.shape), dtype=t.dtype, device="meta")
+        elif shape is None:
+            value = t.detach().clone()
+        else:
+            value = initial_values(t.detach(), shape, name)
+        new = torch.nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else value
+        memo[id(t)] = new
+        tied[id(t)] = new
+    gm = copy.deepcopy(old_gm, memo)
+    graph = gm.graph
+    old_nodes = {n.name: n for n in traced.graph.nodes}
+    shapes = dict(r.node_shapes)
+    for node in graph.nodes:       # carry the exported graph's values (shapes) for the rules below
+        if node.name in old_nodes and "val" in old_nodes[node.name].meta:
+            node.meta["val"] = old_nodes[node.name].meta["val"]
+    _infer_created(graph, shapes)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            # The export's input guards check the old shapes; the new module has new ones.
+            graph.erase_node(node)
+            continue
+        if node.op == "call_function":
+            _rewrite_args(node, shapes)
+    for name in [n for n, _ in gm.named_children() if n.startswith("_guards")]:
+        delattr(gm, name)
+    graph.lint()
+    gm.recompile()
+    gm.meta = {}
+    return gm, shapes
+
+
+def check_shapes(gm: torch.fx.GraphModule, inputs: tuple, shapes: dict) -> None:
+    """Runs the new module on meta tensors and checks each value against the shape the change
+    gives it (an unchanged value must keep its old shape)."""
+    expected = {}
+    for node in gm.graph.nodes:
+        old = _old_shape(node)
+        if old is not None and node.op == "call_function":
+            expected[node.name] = tuple(shapes.get(node.name, old))
+
+    class _Check(torch.fx.Interpreter):
+        def run_node(self, n):
+            try:
+                out = super().run_node(n)
+            except Exception as e:  # noqa: BLE001 - re-raised with the node named
+                raise SizingError(f"{_where(n)}: the resized graph fails there ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}); the change cannot be "
+                                  "expressed in this graph") from e
+            if isinstance(out, torch.Tensor) and n.name in expected and tuple(out.shape) != expected[n.name]:
+                raise SizingError(f"{_where(n)}: computes shape {tuple(out.shape)} after the change, expected "
+                                  f"{expected[n.name]}; the change cannot be expressed in this graph")
+            return out
+
+    # Fake tensors (shapes and devices, no storage): creation ops inside the graph that name a
+    # device get fake tensors on it too.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    args = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+    params = {k: mode.from_tensor(v) for k, v in gm.state_dict(keep_vars=True).items()}
+    with mode, torch.nn.utils.stateless._reparametrize_module(gm, params):
+        flat = torch.fx._pytree.tree_flatten_spec((tuple(args), {}), gm._in_spec) \
+            if getattr(gm, "_in_spec", None) is not None else args
+        _Check(gm).run(*flat)

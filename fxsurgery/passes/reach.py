@@ -1,0 +1,100 @@
+"""The reach of a change: every class it drags along, and the new shape of every value and
+parameter of the graph (see `sizing` for how one axis is read)."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from .sizing import ClassKey, Layout, Order, Sizer, SizingError, _cls, coupled_order, new_sizes, resize_parts
+
+__all__ = ["Reach", "reach"]
+
+
+@dataclass
+class Reach:
+    orders: dict                  # class -> Order (the requested ones and those coupled to them)
+    node_shapes: dict             # node name -> new shape (values whose shape changes)
+    param_shapes: dict            # state_dict name -> new shape (those whose shape changes)
+    input_shapes: dict            # user input name -> new shape
+    coupled: list                 # (class, the class it follows, where the coupling was seen)
+
+
+def _where(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    return f"node %{node.name}" + (f" (in {path})" if path else "")
+
+
+def _values(traced, sizer):
+    """(what, where, old shape, id tensors) of every labelled value and parameter; `what` is
+    ("node", name), ("param", name) or ("input", name). A parameter contributes each term of
+    its keys (met and aligned) apart: a unit axis it meets and one it is aligned with are
+    different axes even when they are the same class (an LSTM's recurrent weight)."""
+    for node in traced.graph.nodes:
+        kind = traced.placeholders.get(node.name, ("", ""))[0]
+        if node.op not in ("placeholder", "call_function") or kind in ("parameter", "buffer", "constant"):
+            continue
+        val = node.meta.get("val")
+        ids = sizer.node_ids(node)
+        if not isinstance(val, torch.Tensor) or ids is None or ids.dim() != val.dim():
+            continue
+        what = ("input", traced.placeholders[node.name][1]) if kind == "input" else ("node", node.name)
+        yield what, _where(node), tuple(val.shape), [ids]
+    for name, e in sizer.imap.entries.items():
+        terms = [t for keys in (e.key_meets, e.key_aligned) if keys is not None for t in keys.terms]
+        yield ("param", name), f"parameter {name}", tuple(e.shape), terms
+
+
+def _layouts(sizer, sources, cls) -> list:
+    out = []
+    for ids in sources:
+        lay = sizer.layout(sizer.restrict(ids, cls), cls)
+        if lay is not None:
+            out.append(lay)
+    return out
+
+
+def reach(traced, imap, orders: dict) -> Reach:
+    sizer = Sizer(traced, imap)
+    orders = dict(orders)
+    counter = itertools.count(-1_000_000, -1)    # new members of coupled classes
+    coupled = []
+    values = [(what, where, shape, sources, set().union(*[sizer.classes_in(t) for t in sources]))
+              for what, where, shape, sources in _values(traced, sizer)]
+    # Closure: classes that index a changed axis position by position follow its change.
+    changed = True
+    while changed:
+        changed = False
+        for what, where, shape, sources, present in values:
+            for k in [c for c in present if c in orders]:
+                for lay_k in _layouts(sizer, sources, k):
+                    new_parts = resize_parts(lay_k, orders[k], where)
+                    for j in present - set(orders):
+                        for lay_j in _layouts(sizer, sources, j):
+                            o = coupled_order(lay_k, lay_j, orders[k], new_parts, j, counter)
+                            if o is None:
+                                continue
+                            if j[0] != "unit":
+                                raise SizingError(f"{where}: {_cls(k)} share their positions with {_cls(j)}, "
+                                                  "which cannot change size; the change reaches a fixed-size input")
+                            orders[j] = o
+                            coupled.append((j, k, where))
+                            changed = True
+                            break
+    node_shapes, param_shapes, input_shapes = {}, {}, {}
+    for what, where, shape, sources, present in values:
+        new = list(shape)
+        by = {}
+        for k in present & set(orders):
+            for lay in _layouts(sizer, sources, k):
+                sizes = new_sizes(lay, resize_parts(lay, orders[k], where), where)
+                for d, s in zip(lay.axes, sizes):
+                    if d in by and new[d] != s:
+                        raise SizingError(f"{where}: axis {d} would be {new[d]} long for {_cls(by[d])} and {s} "
+                                          f"for {_cls(k)}; the change cannot be expressed")
+                    new[d], by[d] = s, k
+        if tuple(new) != shape:
+            {"node": node_shapes, "param": param_shapes, "input": input_shapes}[what[0]][what[1]] = tuple(new)
+    return Reach(orders, node_shapes, param_shapes, input_shapes, coupled)

@@ -1,0 +1,192 @@
+"""The resizing passes: features, categories and units, each a new order of one label class.
+
+Each takes a traced model (or a module with `inputs=` and `features=`, or a GraphModule made by
+an earlier pass) and returns a new `torch.fx.GraphModule` with the old weights carried over
+(see `core`). Names are checked against the model before anything is built.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..labels import Categories, Features
+from .core import Change, PassError, as_traced, new_inputs, rewrite
+from .sizing import Order
+
+__all__ = ["add_features", "remove_features", "reorder_features", "add_categories", "widen", "prune_units",
+           "unit_groups"]
+
+
+def _description(traced, input_name: str, kind):
+    if input_name not in traced.input_names:
+        raise PassError(f"the model has no input {input_name!r}; its inputs are {traced.input_names}")
+    desc = traced.descriptions.get(input_name)
+    if not isinstance(desc, kind):
+        what = "fs.Features" if kind is Features else "fs.Categories"
+        raise PassError(f"input {input_name!r} is not described by {what} (it is {desc!r}); trace the model "
+                        f"with features={{{input_name!r}: {what}([...])}}")
+    return desc
+
+
+def _new_names(names, existing, what) -> list[str]:
+    if isinstance(names, str):
+        names = [names]
+    names = list(names)
+    if not names:
+        raise PassError(f"{what}: no names given")
+    dup = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(existing)))
+    if dup:
+        raise PassError(f"{what}: {dup} already exist or are repeated")
+    return names
+
+
+def _feature_change(traced, input_name, desc, new_names: list[str], what: str, extra=None) -> Change:
+    old = list(desc.names)
+    pos = {n: i for i, n in enumerate(old)}
+    members, fresh = [], -1
+    for n in new_names:
+        if n in pos:
+            members.append(pos[n])
+        else:
+            members.append(fresh)
+            fresh -= 1
+    new_desc = Features(new_names, dim=desc.dim)
+    descriptions = dict(traced.descriptions)
+    descriptions[input_name] = new_desc
+    shapes = {}
+    x = traced.inputs[traced.input_names.index(input_name)]
+    shape = list(x.shape)
+    shape[desc.dim] = len(new_names)
+    shapes[input_name] = tuple(shape)
+    order = Order(("feature", input_name), members, new_names)
+    return Change({order.cls: order}, descriptions, new_inputs(traced, shapes), what=what, **(extra or {}))
+
+
+def add_features(model, input: str, names, at: int | str | None = None, *, inputs=None, features=None):
+    """Adds features to input `input`: at the end, at position `at` (an int), or after the
+    feature named `at`. Their weights start at zero where they meet the data, so the new model
+    computes what the old one did whatever they hold."""
+    traced = as_traced(model, inputs, features)
+    desc = _description(traced, input, Features)
+    what = f"add_features({input!r})"
+    names = _new_names(names, desc.names, what)
+    old = list(desc.names)
+    if at is None:
+        k = len(old)
+    elif isinstance(at, int) and not isinstance(at, bool):
+        if not -len(old) <= at <= len(old):
+            raise PassError(f"{what}: position {at} is outside 0..{len(old)}")
+        k = at % (len(old) + 1) if at < 0 else at
+    elif at in old:
+        k = old.index(at) + 1
+    else:
+        raise PassError(f"{what}: no feature {at!r} to add after; the features are {old}")
+    return rewrite(traced, _feature_change(traced, input, desc, old[:k] + names + old[k:], what))
+
+
+def remove_features(model, input: str, names, *, inputs=None, features=None):
+    """Removes features from input `input`. The new model computes what the old one did with
+    those features held at zero (the plan reports where a removed feature had weight)."""
+    traced = as_traced(model, inputs, features)
+    desc = _description(traced, input, Features)
+    what = f"remove_features({input!r})"
+    names = [names] if isinstance(names, str) else list(names)
+    missing = [n for n in names if n not in desc.names]
+    if missing:
+        raise PassError(f"{what}: no features {missing}; the features are {list(desc.names)}")
+    keep = [n for n in desc.names if n not in set(names)]
+    if not keep:
+        raise PassError(f"{what}: would remove every feature of {input!r}")
+    return rewrite(traced, _feature_change(traced, input, desc, keep, what))
+
+
+def reorder_features(model, input: str, order: Sequence[str], *, inputs=None, features=None):
+    """Puts the features of input `input` in a new order (every feature once)."""
+    traced = as_traced(model, inputs, features)
+    desc = _description(traced, input, Features)
+    what = f"reorder_features({input!r})"
+    order = list(order)
+    if sorted(order) != sorted(desc.names) or len(set(order)) != len(order):
+        raise PassError(f"{what}: the new order must name every feature once; the features are "
+                        f"{list(desc.names)}, got {order}")
+    return rewrite(traced, _feature_change(traced, input, desc, order, what))
+
+
+def add_categories(model, input: str, names, *, new_categories: str = "zero", inputs=None, features=None):
+    """Adds categories (embedding rows, and the rows of an output projection tied to them) to
+    index input `input`. `new_categories`: "zero" (default), "mean" of the old rows, or "keep"
+    (freshly initialised)."""
+    traced = as_traced(model, inputs, features)
+    desc = _description(traced, input, Categories)
+    what = f"add_categories({input!r})"
+    names = _new_names(names, desc.names, what)
+    order = Order(("category", input), list(range(len(desc.names))) + [-1 - i for i in range(len(names))],
+                  list(desc.names) + names)
+    descriptions = dict(traced.descriptions)
+    descriptions[input] = Categories(order.names)
+    change = Change({order.cls: order}, descriptions, new_inputs(traced, {}), new_categories=new_categories,
+                    what=what)
+    return rewrite(traced, change)
+
+
+def unit_groups(traced) -> dict[str, int]:
+    """The hidden axes of a traced model and their sizes (the unit groups a widen can name)."""
+    from ..interaction_map import interaction_map
+    imap = interaction_map(traced)
+    sizes: dict[str, int] = {}
+    for lab in imap.pool.labels:
+        if lab.kind == "unit" and not lab.group.endswith(".gate"):
+            sizes[lab.group] = max(sizes.get(lab.group, 0), lab.index + 1)
+    return sizes
+
+
+def _groups(traced, name: str, what: str) -> dict[str, int]:
+    groups = unit_groups(traced)
+    if name in groups:
+        return {name: groups[name]}
+    under = {g: n for g, n in groups.items() if g.startswith(name + ".")}
+    if not under:
+        raise PassError(f"{what}: no hidden axis {name!r}; the model's hidden axes are "
+                        f"{sorted(groups)} (a module name stands for the axes under it)")
+    return under
+
+
+def widen(model, group: str, size: int | None = None, *, by: int | None = None, inputs=None, features=None):
+    """Widens hidden axis `group` (a module name: a Linear's outputs, an LSTM's units, `core`
+    for every layer of an LSTM module) to `size` units, or `by` more. New units are appended;
+    their outgoing weights start at zero, so the function is preserved unless a normalisation
+    or softmax spans the axis (the plan says where). Axes coupled to it (a residual stream)
+    widen with it."""
+    traced = as_traced(model, inputs, features)
+    what = f"widen({group!r})"
+    if (size is None) == (by is None):
+        raise PassError(f"{what}: give exactly one of size= and by=")
+    orders = {}
+    for g, n in _groups(traced, group, what).items():
+        k = (size - n) if size is not None else by
+        if k < 0:
+            raise PassError(f"{what}: {g} has {n} units; use prune_units to make it smaller")
+        if k:
+            orders[("unit", g)] = Order(("unit", g), list(range(n)) + [-1 - i for i in range(k)])
+    if not orders:
+        raise PassError(f"{what}: already {size} units wide; nothing to do")
+    return rewrite(traced, Change(orders, dict(traced.descriptions), new_inputs(traced, {}), what=what))
+
+
+def prune_units(model, group: str, keep: Sequence[int], *, inputs=None, features=None):
+    """Keeps only units `keep` (old positions, in their new order) of hidden axis `group`; the
+    surviving units' weights are kept exactly, the others dropped."""
+    traced = as_traced(model, inputs, features)
+    what = f"prune_units({group!r})"
+    groups = _groups(traced, group, what)
+    if len(groups) != 1:
+        raise PassError(f"{what}: names several hidden axes {sorted(groups)}; name one")
+    (g, n), = groups.items()
+    keep = [int(k) for k in keep]
+    bad = [k for k in keep if not 0 <= k < n]
+    if bad or len(set(keep)) != len(keep) or not keep:
+        raise PassError(f"{what}: keep must list distinct positions in 0..{n - 1} (some); got {keep}")
+    order = Order(("unit", g), keep)
+    return rewrite(traced, Change({order.cls: order}, dict(traced.descriptions), new_inputs(traced, {}),
+                                  units={g: keep}, what=what))
