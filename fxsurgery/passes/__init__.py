@@ -14,6 +14,7 @@ from .core import PassError, as_traced
 from .resize import (add_categories, add_features, prune_units, remove_features, reorder_features,
                      unit_groups, widen)
 from .sizing import Order, SizingError
+from .structure import add_heads, insert_identity_layer
 
 __all__ = ["add_features", "remove_features", "reorder_features", "add_categories", "widen", "prune_units",
-           "unit_groups", "PassError", "SizingError", "Order", "as_traced"]
+           "unit_groups", "insert_identity_layer", "add_heads", "PassError", "SizingError", "Order", "as_traced"]
