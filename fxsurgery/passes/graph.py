@@ -117,16 +117,22 @@ def _rewrite_args(node, shapes: dict) -> None:
         dim = args[1] if len(args) > 1 else 0
         old_in, new_in = _old_shape(x), shapes.get(x.name)
         if new_in is not None and new_in[dim] != old_in[dim]:
-            start = args[2] if len(args) > 2 else 0
-            end = args[3] if len(args) > 3 else None
+            start = args[2] if len(args) > 2 and args[2] is not None else 0
+            end = args[3] if len(args) > 3 and args[3] is not None else old_in[dim]
             step = args[4] if len(args) > 4 else 1
-            if (start in (0, None)) and (end is None or end >= old_in[dim]) and step == 1:
-                args[3:4] = [new_in[dim]] if len(args) > 3 else []
-            elif new is None or new[dim] == _old_shape(node)[dim]:
-                pass  # a slice that keeps its size (a prefix): the same literal positions
-            else:
+            start = start + old_in[dim] if start < 0 else start
+            open_end = end >= old_in[dim]
+            want = (new or _old_shape(node))[dim]
+            if step == 1 and open_end:
+                if len(args) > 3:
+                    args[3] = new_in[dim]
+                if new_in[dim] - start != want:
+                    raise SizingError(f"{_where(node)}: slices axis {dim} from {start} to its end, which would "
+                                      f"hold {new_in[dim] - start} positions, not {want}")
+            elif end < 0 or want != _old_shape(node)[dim]:
                 raise SizingError(f"{_where(node)}: slices axis {dim} of a value the change resizes; "
                                   "the new bounds cannot be told")
+            # else: a slice that keeps its positions (before the change's new members)
     node.args = tuple(args)
 
 

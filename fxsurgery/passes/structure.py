@@ -175,14 +175,15 @@ def _attention_node(traced, attention: str):
 
 def _projection(sizer, node, what: str):
     """(unit class, its layout) of the projection whose units form the heads of `node`'s value
-    [batch, heads, tokens, head_dim]: the unit class that varies along the heads axis."""
+    [batch, heads, tokens, head_dim]: the unit class that varies along head_dim (and along the
+    heads axis, unless there is one key/value head shared by all)."""
     ids = sizer.node_ids(node)
     found = []
     for cls in sizer.classes_in(ids) if ids is not None else ():
         if cls[0] != "unit":
             continue
         lay = sizer.layout(sizer.restrict(ids, cls), cls)
-        if lay is not None and 1 in lay.axes and ids.dim() - 1 in lay.axes:
+        if lay is not None and ids.dim() - 1 in lay.axes and set(lay.axes) <= {1, ids.dim() - 1}:
             found.append((cls, lay))
     if len(found) != 1:
         raise PassError(f"add_heads: cannot tell which projection makes the {what} heads at node %{node.name} "
@@ -215,6 +216,10 @@ def add_heads(model, attention: str, n: int, *, inputs=None, features=None):
     if hk < 1 or hq % hk:
         raise PassError(f"add_heads: {hq} query heads over {hk} key/value heads")
     rep = hq // hk
+    if hk == 1:
+        raise PassError(f"add_heads: {attention!r} shares one key/value head among all {hq} query heads "
+                        "(multi-query attention): its heads axis has size 1, which the labels cannot tell "
+                        "from a broadcast; not supported")
     if n % rep:
         raise PassError(f"add_heads: {attention!r} has {hq} query heads sharing {hk} key/value heads "
                         f"({rep} per group); add a multiple of {rep} heads (whole groups)")
