@@ -15,6 +15,10 @@ from .resize import (add_categories, add_features, prune_units, remove_features,
                      unit_groups, widen)
 from .sizing import Order, SizingError
 from .structure import add_heads, insert_identity_layer
+from .infra import (AddCategories, AddFeatures, AddHeads, InsertIdentityLayer, InteractionMapPass, PruneUnits,
+                    RemoveFeatures, ReorderFeatures, RewritePass, Widen, rewrite_pass)
 
 __all__ = ["add_features", "remove_features", "reorder_features", "add_categories", "widen", "prune_units",
-           "unit_groups", "insert_identity_layer", "add_heads", "PassError", "SizingError", "Order", "as_traced"]
+           "unit_groups", "insert_identity_layer", "add_heads", "PassError", "SizingError", "Order", "as_traced",
+           "InteractionMapPass", "RewritePass", "rewrite_pass", "AddFeatures", "RemoveFeatures", "ReorderFeatures",
+           "AddCategories", "Widen", "PruneUnits", "InsertIdentityLayer", "AddHeads"]
