@@ -120,9 +120,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Sub-commands living in other modules register here (plan, transplant, coverage)."""
+    """Sub-commands living in other modules register here (plan, transplant, coverage, rewrite)."""
     found = []
-    for name in ("fxsurgery.coverage", "fxsurgery.surgery_cli"):
+    for name in ("fxsurgery.coverage", "fxsurgery.surgery_cli", "fxsurgery.rewrite_cli"):
         try:
             module = importlib.import_module(name)
         except ImportError:
