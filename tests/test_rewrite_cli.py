@@ -227,3 +227,40 @@ def test_a_checkpoint_that_does_not_match_and_an_existing_output_left_alone(tmp_
     assert main(["rewrite", "test_rewrite_cli:mlp", "--widen", "fc1=9", "-o", str(tmp_path / "no" / "new.pt"),
                  "--quiet"]) == 2
     assert "folder" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
+class Attention(nn.Module):
+    def __init__(self, d=8, heads=2, hd=4):
+        super().__init__()
+        self.hd = hd
+        self.q, self.k, self.v = nn.Linear(d, heads * hd), nn.Linear(d, heads * hd), nn.Linear(d, heads * hd)
+        self.o = nn.Linear(heads * hd, d)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, self.hd).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(a.transpose(1, 2).reshape(b, t, -1))
+
+
+def attention():
+    return Attention(), {"x": torch.randn(2, 3, 8)}, {"x": fs.Features([f"f{i}" for i in range(8)])}
+
+
+def test_the_structural_changes(tmp_path, capsys):
+    old, old_state = checkpoint(tmp_path)
+    out = tmp_path / "new.pt"
+    assert main(["rewrite", "test_rewrite_cli:mlp", "--weights", str(old), "--insert-identity-layer", "fc1=extra",
+                 "-o", str(out), "--quiet"]) == 0
+    assert all(d <= TOL for d in deviation(capsys.readouterr().out))
+    state = torch.load(out, weights_only=True)
+    assert torch.equal(state["extra.weight"], torch.eye(8)) and torch.equal(state["fc1.weight"], old_state["fc1.weight"])
+
+    old, old_state = checkpoint(tmp_path, attention, name="attn.pt")
+    assert main(["rewrite", "test_rewrite_cli:attention", "--weights", str(old), "--add-heads", "=2",
+                 "-o", str(out), "--quiet"]) == 0
+    assert all(d <= TOL for d in deviation(capsys.readouterr().out))
+    state = torch.load(out, weights_only=True)
+    assert state["q.weight"].shape == (16, 8) and torch.count_nonzero(state["o.weight"][:, 8:]) == 0
+    assert main(["rewrite", "test_rewrite_cli:attention", "--add-heads", "q=x", "-o", str(tmp_path / "x.pt")]) == 2
+    assert "the number of heads 'x' is not an integer" in capsys.readouterr().err
