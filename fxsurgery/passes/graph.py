@@ -12,6 +12,7 @@ it stands for. The result is then run on meta tensors and every value's shape is
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import operator
 
@@ -236,7 +237,19 @@ def check_shapes(gm: torch.fx.GraphModule, inputs: tuple, shapes: dict) -> None:
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     args = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
     params = {k: mode.from_tensor(v) for k, v in gm.state_dict(keep_vars=True).items()}
+    # A failing operator is reported by the check, with the node named; fake tensor's own log
+    # of the same failure would only repeat it.
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        _run_checked(gm, mode, args, params, _Check)
+    finally:
+        log.setLevel(level)
+
+
+def _run_checked(gm, mode, args, params, check_cls) -> None:
     with mode, torch.nn.utils.stateless._reparametrize_module(gm, params):
         flat = torch.fx._pytree.tree_flatten_spec((tuple(args), {}), gm._in_spec) \
             if getattr(gm, "_in_spec", None) is not None else args
-        _Check(gm).run(*flat)
+        check_cls(gm).run(*flat)

@@ -47,12 +47,27 @@ def _values(traced, sizer):
         yield ("param", name), f"parameter {name}", tuple(e.shape), terms
 
 
-def _layouts(sizer, sources, cls) -> list:
+def _layouts(sizer, sources, cls, shape, order=None, where="") -> list:
+    """The layouts of a class along a value (one per id tensor). With `order`, each is one
+    the order can be placed in: when the strict reading fails (positions of the class
+    interleaved with others), the loose one (repetition across rows where the class is
+    absent, as in a flattened tokens x channels axis) is tried before giving up."""
     out = []
     for ids in sources:
-        lay = sizer.layout(sizer.restrict(ids, cls), cls)
-        if lay is not None:
-            out.append(lay)
+        restricted = sizer.restrict(ids, cls)
+        lay = sizer.layout(restricted, cls, shape=shape)
+        if lay is None:
+            continue
+        if order is not None:
+            try:
+                resize_parts(lay, order, where)
+            except SizingError:
+                loose = sizer.layout(restricted, cls, loose=True, shape=shape)
+                if loose is None or loose.abc == lay.abc:
+                    raise
+                resize_parts(loose, order, where)
+                lay = loose
+        out.append(lay)
     return out
 
 
@@ -69,10 +84,10 @@ def reach(traced, imap, orders: dict) -> Reach:
         changed = False
         for what, where, shape, sources, present in values:
             for k in [c for c in present if c in orders]:
-                for lay_k in _layouts(sizer, sources, k):
+                for lay_k in _layouts(sizer, sources, k, shape, orders[k], where):
                     new_parts = resize_parts(lay_k, orders[k], where)
                     for j in present - set(orders):
-                        for lay_j in _layouts(sizer, sources, j):
+                        for lay_j in _layouts(sizer, sources, j, shape):
                             o = coupled_order(lay_k, lay_j, orders[k], new_parts, j, counter)
                             if o is None:
                                 continue
@@ -88,13 +103,16 @@ def reach(traced, imap, orders: dict) -> Reach:
         new = list(shape)
         by = {}
         for k in present & set(orders):
-            for lay in _layouts(sizer, sources, k):
+            for lay in _layouts(sizer, sources, k, shape, orders[k], where):
                 sizes = new_sizes(lay, resize_parts(lay, orders[k], where), where)
                 for d, s in zip(lay.axes, sizes):
                     if d in by and new[d] != s:
                         raise SizingError(f"{where}: axis {d} would be {new[d]} long for {_cls(by[d])} and {s} "
                                           f"for {_cls(k)}; the change cannot be expressed")
                     new[d], by[d] = s, k
+        if 0 in new and 0 not in shape:
+            raise SizingError(f"{where}: would become empty (shape {tuple(new)}); the change removes every "
+                              "position of an axis")
         if tuple(new) != shape:
             {"node": node_shapes, "param": param_shapes, "input": input_shapes}[what[0]][what[1]] = tuple(new)
     return Reach(orders, node_shapes, param_shapes, input_shapes, coupled)

@@ -149,28 +149,68 @@ class Sizer:
                 out |= self.classes_in(t)
         return out
 
-    def layout(self, restricted: torch.Tensor, cls: ClassKey) -> Layout | None:
+    def layout(self, restricted: torch.Tensor, cls: ClassKey, loose: bool = False,
+               shape: tuple | None = None) -> Layout | None:
         """The layout of a class along a value, from its restricted ids; None when no
-        position carries the class or every position carries the same members."""
+        position carries the class or every position carries the same members. `loose`:
+        repetition may skip positions where the class is absent (a flattened [tokens x
+        channels] axis whose rows of other inputs carry other classes)."""
         if restricted is None or restricted.numel() == 0:
             return None
         t = restricted
         axes = tuple(d for d in range(t.dim()) if t.shape[d] > 1 and
                      bool((t != t.narrow(d, 0, 1)).any()))
         if not axes:
-            return None
-        # Along the other axes the class does not vary: take index 0 there.
-        idx = tuple(slice(None) if d in axes else 0 for d in range(t.dim()))
-        flat = t[idx].reshape(-1)
+            return self._single_member(t, cls, shape)
+        line = _one_axis(t, axes) if len(axes) > 1 else None
+        if line is not None:
+            # The members depend on one axis; the others only say where the class is present
+            # (rows of other inputs concatenated along the tokens, zero-padded channels).
+            axes, flat = line
+        else:
+            # Along the other axes the class does not vary: take index 0 there.
+            idx = tuple(slice(None) if d in axes else 0 for d in range(t.dim()))
+            flat = t[idx].reshape(-1)
         n = flat.numel()
-        a, b, c = _repetition(flat)
-        reduced = flat.reshape(a, b, c)[:, 0, :].reshape(-1).tolist()
+        a, b, c = _repetition(flat, loose)
+        reduced = flat.reshape(a, b, c).max(1).values.reshape(-1).tolist() if loose else \
+            flat.reshape(a, b, c)[:, 0, :].reshape(-1).tolist()
         parts = [self._member_set(s) for s in reduced]
         present = frozenset().union(*parts)
         covers = len(present) == self.class_size.get(cls, -1)
         sizes = tuple(int(t.shape[d]) for d in axes)
         assert n == _prod(sizes)
         return Layout(axes, sizes, (a, b, c), parts, covers)
+
+    def _single_member(self, t: torch.Tensor, cls: ClassKey, shape) -> Layout | None:
+        """A value that carries the same single member everywhere holds one position of the
+        class along an axis of size 1 (a single feature, the one channel a split leaves),
+        which nothing tells from a broadcast axis: the last axis of size 1 is taken, the usual
+        place of a feature or unit axis (a wrong guess fails the shape check; it is never
+        silent)."""
+        if shape is None or t.dim() == 0:
+            return None
+        part = self._member_set(int(t.reshape(-1)[0]))
+        if len(part) != 1:
+            return None
+        ones = [d for d in range(t.dim()) if shape[d] == 1]
+        if not ones:
+            return None
+        return Layout((ones[-1],), (1,), (1, 1, 1), [part], self.class_size.get(cls) == 1)
+
+def _one_axis(t: torch.Tensor, axes) -> tuple | None:
+    """((d,), the part id at each index along d) when, along every axis but d, the class is
+    either absent or the same as wherever else it is present at that index of d."""
+    for d in axes:
+        rows = t.movedim(d, 0).reshape(t.shape[d], -1)
+        present = rows != EMPTY
+        big = torch.iinfo(rows.dtype).max
+        lo = torch.where(present, rows, torch.full_like(rows, big)).min(1).values
+        hi = torch.where(present, rows, torch.full_like(rows, -1)).max(1).values
+        has = present.any(1)
+        if bool((~has | (lo == hi)).all()):
+            return (d,), torch.where(has, hi, torch.zeros_like(hi))
+    return None
 
 
 def _prod(xs) -> int:
@@ -180,8 +220,9 @@ def _prod(xs) -> int:
     return n
 
 
-def _repetition(flat: torch.Tensor) -> tuple[int, int, int]:
-    """(a, b, c) with flat.view(a, b, c) constant along b, b as large as possible."""
+def _repetition(flat: torch.Tensor, loose: bool = False) -> tuple[int, int, int]:
+    """(a, b, c) with flat.view(a, b, c) constant along b (`loose`: where present), b as large
+    as possible."""
     n = flat.numel()
     for b in sorted(_divisors(n), reverse=True):
         if b == 1:
@@ -189,7 +230,12 @@ def _repetition(flat: torch.Tensor) -> tuple[int, int, int]:
         for c in _divisors(n // b):
             a = n // (b * c)
             v = flat.reshape(a, b, c)
-            if bool((v == v[:, :1, :]).all()):
+            if not loose:
+                if bool((v == v[:, :1, :]).all()):
+                    return a, b, c
+                continue
+            top = v.max(1, keepdim=True).values
+            if bool(((v == top) | (v == EMPTY)).all()) and bool((v != EMPTY).any(1).all()):
                 return a, b, c
     return n, 1, 1
 

@@ -37,10 +37,13 @@ class ParamPlan:
     match: Match
     in_graph: bool = True         # False: not read by the graph, matched by name and shape only
     inserted: tuple = ()          # the aliased hidden axes (units={"mid": "fc1"}) it is aligned with
+    persistent: bool = True       # False: a non-persistent buffer, never written (see plan)
 
     @property
     def status(self) -> str:
         m = self.match
+        if not self.persistent:
+            return "kept"
         if m.unexplained:
             return "re-initialised"
         if self.old_name is None:
@@ -122,10 +125,12 @@ class SurgeryPlan:
         old_storage = {t.untyped_storage().data_ptr() for t in old_sd.values() if t.device.type != "meta"}
         writes: list = []
         fresh: dict[str, torch.Tensor] = {}
-        total = sum(int(new_sd[p.name].numel()) for p in self.params.values())
+        total = sum(int(new_sd[p.name].numel()) for p in self.params.values() if p.persistent)
         done = 0
         with torch.no_grad():
             for p in self.params.values():
+                if not p.persistent:
+                    continue
                 old = old_sd[p.old_name] if p.old_name is not None else None
                 dest = new_sd[p.name]
                 # A new tensor that shares memory with an old one is never written into.
@@ -162,6 +167,8 @@ class SurgeryPlan:
 
     def _check_states(self, old_sd, new_sd) -> None:
         for p in self.params.values():
+            if not p.persistent:
+                continue
             if p.name not in new_sd:
                 raise SurgeryError(f"the new model has no {p.name!r} any more; plan again (nothing was written)")
             t = new_sd[p.name]
@@ -186,6 +193,12 @@ class SurgeryPlan:
 
 def _state_shapes(model: torch.nn.Module) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _non_persistent(model: torch.nn.Module) -> set[str]:
+    """Full names of the model's non-persistent buffers (not in its state_dict)."""
+    return {f"{prefix}.{b}" if prefix else b for prefix, mod in model.named_modules(remove_duplicate=False)
+            for b in getattr(mod, "_non_persistent_buffers_set", ())}
 
 
 def _aliases(model: torch.nn.Module) -> dict[str, tuple]:
@@ -255,8 +268,18 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
     used_old: set[str] = set()
     notes: list[str] = []
     problems = []
+    # Non-persistent buffers (register_buffer(..., persistent=False): position ids, rotary
+    # frequencies, masks) are not state: checkpoints do not hold them, the module computes them
+    # from its configuration, so the new model's own values are the right ones for it. They are
+    # kept, never matched (matching would zero a rotary table, which every attention head
+    # meets, old and new alike), and the old ones are not reported dropped.
+    old_derived, new_derived = _non_persistent(old.model), _non_persistent(new.model)
     for nname, e in new_map.entries.items():
         aliases = tuple(e.aliases or (nname,))
+        if all(a in new_derived for a in aliases):
+            params[nname] = ParamPlan(nname, None, aliases, e.kind, Match(new_shape=tuple(e.shape), old_shape=None,
+                                                                          copy=False), persistent=False)
+            continue
         oname = next((old_by_new[a] for a in aliases if a in old_by_new), None)
         if oname is not None:
             oe = old_map.entries[oname]
@@ -287,11 +310,11 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
             m = Match(new_shape=shape, old_shape=None, copy=False)
             okey = None
         params[key] = ParamPlan(key, okey, names, "state", m, in_graph=False)
-    if not used_old:
+    if not used_old and (old_names or new_names):   # (two models without weights: nothing to carry)
         raise SurgeryError(f"the old and new models have no parameter or buffer in common (old: "
                            f"{_listing(old_names)}; new: {_listing(new_names)}); pass rename={{old prefix: new "
                            "prefix}} if modules were renamed")
-    old_all = set(old_map.entries) | set(old_shapes)
+    old_all = (set(old_map.entries) | set(old_shapes)) - old_derived
     old_alias = _aliases(old.model)
     dropped = sorted(n for n in old_all if n not in used_old and
                      not any(a in used_old for a in old_alias.get(n, (n,))))
