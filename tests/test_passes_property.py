@@ -106,7 +106,7 @@ def check(spec, which, r, k, outcomes: Counter) -> None:
         except (PassError, SizingError) as err:
             # A refusal must say where: a node, a parameter, an input or a module by name.
             assert any(w in str(err) for w in ("node %", "parameter ", "input ", "module ", "'")), str(err)
-            outcomes[f"{kind}: refused ({str(err).split(":")[0][:40]})"] += 1
+            outcomes[f"{kind}: refused ({str(err).split(':')[0][:40]})"] += 1
             return
         finally:
             assert all(torch.equal(before[n], t) for n, t in model.state_dict().items()), "the old model changed"
