@@ -433,3 +433,30 @@ def test_slices_of_a_widened_axis_keep_their_positions(lo, hi, width):
     gm = fs.passes.widen(tr, "fc", by=2)
     check(gm)
     assert gm.state_dict()["out.weight"].shape == (2, width)
+
+
+# the OpenAI-Five-like policy ----------------------------------------------------------------
+
+def test_every_pass_on_the_five_policy():
+    """Features added, removed and reordered in entity groups, a category added, the LSTM core
+    widened, and an identity layer inserted before it, each on the flagship policy."""
+    from fxsurgery import zoo
+    torch.manual_seed(8)
+    m, inputs, feats = zoo.five_small("cpu")
+    m.eval()
+    before = snapshot(m)
+    tr = fs.trace(m, inputs, feats)
+    allies = list(feats["allies"].names)
+    cases = [
+        (fs.passes.add_features(tr, "allies", ["allies.armor", "allies.speed"], at=2), True),
+        (fs.passes.remove_features(tr, "enemies", [feats["enemies"].names[1]]), False),
+        (fs.passes.reorder_features(tr, "allies", allies[::-1]), True),
+        (fs.passes.add_categories(tr, "enemy_type", ["shrine"]), True),
+        (fs.passes.widen(tr, "core", by=8), True),
+        (fs.passes.insert_identity_layer(tr, "project"), True),
+    ]
+    for gm, preserved in cases:
+        check(gm, preserved)
+    widened = cases[4][0].state_dict()
+    assert widened["core.weight_hh_l0"].shape == (4 * 40, 40)
+    assert unchanged(m, before)

@@ -40,7 +40,8 @@ def _values(traced, sizer):
         ids = sizer.node_ids(node)
         if not isinstance(val, torch.Tensor) or ids is None or ids.dim() != val.dim():
             continue
-        what = ("input", traced.placeholders[node.name][1]) if kind == "input" else ("node", node.name)
+        user_names = dict(zip(traced.input_nodes, traced.input_names))
+        what = ("input", user_names.get(node.name, node.name)) if kind == "input" else ("node", node.name)
         yield what, _where(node), tuple(val.shape), [ids]
     for name, e in sizer.imap.entries.items():
         terms = [t for keys in (e.key_meets, e.key_aligned) if keys is not None for t in keys.terms]
