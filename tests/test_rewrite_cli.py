@@ -119,16 +119,21 @@ def test_rewrite_of_the_zoo_policy_to_safetensors(tmp_path, capsys):
     old, old_state = checkpoint(tmp_path, five_small)
     out = tmp_path / "five_new.safetensors"
     assert main(["rewrite", "fxsurgery.zoo:five_small", "--weights", str(old), "--add-categories", "enemy_type:boss",
-                 "--widen", "core=+4", "--verify", "3", "-o", str(out), "--quiet"]) == 0
+                 "--widen", "core=+4", "--add-features", "self:self.armor@self.f2", "--verify", "3", "-o", str(out),
+                 "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "meets new enemy_type: boss (zeroed)" in text and "new labels: core.l0[32, 33, 34, 35]" in text
-    assert all(d <= TOL for d in deviation(text, 3)) and len(deviation(text, 3)) == 2
+    assert "meets new self: self.armor (zeroed)" in text
+    assert all(d <= TOL for d in deviation(text, 3)) and len(deviation(text, 3)) == 3
     state = load_file(out)
+    assert torch.equal(state["encoders.self.0.weight"][:, [0, 1, 2, 4, 5, 6]], old_state["encoders.self.0.weight"])
+    assert torch.count_nonzero(state["encoders.self.0.weight"][:, 3]) == 0
     assert state["embeddings.enemy_type.weight"].shape == (5, 24)
     assert torch.equal(state["embeddings.enemy_type.weight"][:4], old_state["embeddings.enemy_type.weight"])
     assert state["core.weight_hh_l0"].shape == (4 * 36, 36) and state["heads.move.weight"].shape == (5, 36)
     _, gm = rewritten(five_small, old_state, (fs.passes.add_categories, ("enemy_type", ["boss"]), {}),
-                      (fs.passes.widen, ("core",), {"by": 4}))
+                      (fs.passes.widen, ("core",), {"by": 4}),
+                      (fs.passes.add_features, ("self", ["self.armor"]), {"at": "self.f2"}))
     gm.load_state_dict(state, strict=True)
 
 
