@@ -8,6 +8,7 @@ weight.
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
@@ -18,7 +19,15 @@ from torch.export.graph_signature import InputKind
 
 from .labels import Categories, Features
 
-__all__ = ["Traced", "trace", "CaptureError", "InputError"]
+__all__ = ["Traced", "trace", "CaptureError", "InputError", "wrapped_call"]
+
+# Higher-order operators that torch.export (non-strict) emits around a region run under a
+# different grad mode (`torch.no_grad()`, as Hugging Face rotary embeddings are) or autocast
+# setting: `wrap_with_set_grad_enabled(enable, submod, *args)`. They call `submod(*args)` and
+# nothing else: grad mode and autocast change neither which elements an output depends on nor
+# which parameters it meets, so the analyses run the wrapped graph as if it were inlined.
+# Name -> position of the wrapped graph module among the arguments.
+_WRAPPERS = {"wrap_with_set_grad_enabled": 1, "wrap_with_autocast": 4}
 
 
 class CaptureError(RuntimeError):
@@ -41,6 +50,7 @@ class Traced:
     descriptions: dict[str, Any]        # input name -> Features | Categories | None
     placeholders: dict[str, tuple[str, str]] = field(default_factory=dict)  # placeholder -> (kind, state name)
     aliases: dict[str, list[str]] = field(default_factory=dict)             # state name -> tied names
+    keywords: bool = False              # the inputs are passed by name (see trace)
 
     @property
     def graph_module(self) -> torch.fx.GraphModule:
@@ -49,6 +59,13 @@ class Traced:
     @property
     def graph(self) -> torch.fx.Graph:
         return self.program.graph_module.graph
+
+    def call(self, model: torch.nn.Module, args):
+        """Runs `model` (this one, or another traced the same way) on inputs given in the
+        order of `input_names`, passing them the way the capture did."""
+        if self.keywords:
+            return model(**dict(zip(self.input_names, args)))
+        return model(*args)
 
     def canonical(self, name: str) -> str:
         """The one name a group of tied parameters is known by (the first state_dict name)."""
@@ -74,6 +91,17 @@ class Traced:
                 f"{n} operators, {len(self.state_shapes())} parameters and buffers)")
 
 
+def wrapped_call(target, args) -> tuple | None:
+    """(wrapped graph module, its arguments) when `target` is one of the wrapper higher-order
+    operators above, else None."""
+    if not isinstance(target, torch._ops.HigherOrderOperator):
+        return None
+    at = _WRAPPERS.get(target.name())
+    if at is None or len(args) <= at:
+        return None
+    return args[at], tuple(args[at + 1:])
+
+
 def _as_tuple(example_inputs) -> tuple[tuple, list[str] | None]:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), None
@@ -87,6 +115,23 @@ def _as_tuple(example_inputs) -> tuple[tuple, list[str] | None]:
         raise InputError(f"example_inputs must be a tensor, a tuple of tensors or a dict of named "
                          f"positional tensors, got {type(example_inputs).__name__}")
     return example_inputs, None
+
+
+def _by_keyword(model: torch.nn.Module, names: list[str]) -> bool:
+    """Whether a dict of example inputs is passed to forward by keyword: when its names are
+    parameters of forward but not its leading positional ones in order. A model with optional
+    arguments in between (`forward(input_ids, past_key_values=None, attention_mask=None)`)
+    would otherwise receive `attention_mask` as `past_key_values`. Names that are not all
+    parameters of forward name positional inputs (a `forward(*inputs)`), as before."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if positional[:len(names)] == names:
+        return False
+    by_name = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return all(n in by_name for n in names)
 
 
 def _check_description(name: str, desc, val: torch.Tensor) -> None:
@@ -125,9 +170,10 @@ def trace(model: torch.nn.Module, example_inputs, features: Optional[Mapping[str
     """Captures `model` on `example_inputs` and attaches the input descriptions.
 
     `features` maps input argument names to `Features` or `Categories`; inputs not named there
-    get one label each, named after the argument. `example_inputs` may be a dict, which names
-    positional inputs in order. Works with the model and inputs on the meta device. The model
-    is not modified.
+    get one label each, named after the argument. `example_inputs` may be a dict: inputs by
+    the names of forward's parameters (passed by keyword unless they are its leading
+    parameters in order), or names for positional inputs in order (a `forward(*inputs)`).
+    Works with the model and inputs on the meta device. The model is not modified.
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"trace expects a torch.nn.Module, got {type(model).__name__}")
@@ -138,12 +184,16 @@ def trace(model: torch.nn.Module, example_inputs, features: Optional[Mapping[str
             raise InputError(f"example input {label} is a {type(a).__name__}, not a tensor; fxsurgery "
                              "labels tensor inputs only (bind other arguments with a wrapper module)")
     features = dict(features or {})
+    keywords = given_names is not None and _by_keyword(model, given_names)
 
     with warnings.catch_warnings():
         # nn.LSTM/GRU warn about their flat weights being non-contiguous under export.
         warnings.filterwarnings("ignore", message=".*_flat_weights.*")
         try:
-            program = torch.export.export(model, args, strict=strict)
+            if keywords:  # the graph's inputs follow the dict's order
+                program = torch.export.export(model, (), dict(zip(given_names, args)), strict=strict)
+            else:
+                program = torch.export.export(model, args, strict=strict)
         except Exception as err:  # noqa: BLE001 - we re-raise with the exporter's reason
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
@@ -188,4 +238,4 @@ def trace(model: torch.nn.Module, example_inputs, features: Optional[Mapping[str
 
     return Traced(model=model, program=program, inputs=args, input_names=input_names, input_nodes=input_nodes,
                   descriptions={n: features.get(n) for n in input_names},
-                  placeholders=placeholders, aliases=aliases)
+                  placeholders=placeholders, aliases=aliases, keywords=keywords)

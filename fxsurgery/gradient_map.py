@@ -57,7 +57,7 @@ import torch.fx
 from torch.export.graph_signature import OutputKind
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .capture import Traced
+from .capture import Traced, wrapped_call
 from .interaction_map import InteractionMap, ParamEntry
 from .label_tensor import compress
 from .labels import Categories, Features, Label, SetPool
@@ -529,6 +529,11 @@ class _Graph:
             if node.name in self.impl:
                 gm, positions = self.impl[node.name]
                 return gm(*[flat[i] for i in positions])
+            wrapped = wrapped_call(target, args)
+            if wrapped is not None and not kwargs:
+                # A no_grad / autocast region is run as if inlined: under no_grad its
+                # derivatives, which this mapping reads, would vanish.
+                return wrapped[0](*wrapped[1])
             return target(*args, **kwargs)
         except GradientMapError:
             raise

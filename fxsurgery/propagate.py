@@ -20,7 +20,7 @@ import torch
 import torch.fx
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .capture import Traced
+from .capture import Traced, wrapped_call
 from .label_tensor import LabelTensor, ParamRef, compress, full_ids
 from .labels import Categories, Features, Label, SetPool
 from .rules.registry import REGISTRY, RuleRegistry
@@ -186,6 +186,10 @@ class LabelPropagator(torch.fx.Interpreter):
         node = self._node
         if target is operator.getitem:
             return args[0][args[1]]
+        wrapped = wrapped_call(target, args)
+        if wrapped is not None and isinstance(wrapped[0], torch.fx.GraphModule) and not kwargs:
+            # A no_grad / autocast region: its graph is propagated as if inlined.
+            return self._check(target, self._run_sub(wrapped[0], list(wrapped[1])), node.meta.get("val"))
         if not isinstance(target, torch._ops.OpOverload):
             return self._fallback(target, args, kwargs, f"no label rule for {target}")
         if not target._schema.returns:
@@ -284,14 +288,22 @@ class LabelPropagator(torch.fx.Interpreter):
         except Exception:  # noqa: BLE001 - no usable decomposition: the caller falls back
             return None
         self.note(f"{target} has no label rule; labels were run through its decomposition at {_where(node)}")
+        return self._run_sub(gm, [flat[i] for i in positions])
+
+    def _run_sub(self, gm: torch.fx.GraphModule, operands: list):
+        """Propagates `operands` through the graph `gm` (a decomposition, a wrapped region) into
+        this propagator's records: its placeholders take the operands in order."""
         sub = LabelPropagator(self.traced, self.pool, self.mode, self.registry, graph_module=gm)
         sub.meets, sub.aligned, sub.notes, sub._units = self.meets, self.aligned, self.notes, self._units
         sub_placeholders = {}
         sub.placeholder = lambda t, a, k: sub_placeholders[sub._node.name]  # type: ignore[method-assign]
         names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        for name, i in zip(names, positions):
-            sub_placeholders[name] = flat[i]
-        return sub.run(*[flat[i] for i in positions])
+        if len(names) != len(operands):
+            raise RuleError(f"the graph run at {_where(self._node)} takes {len(names)} inputs, "
+                            f"{len(operands)} were given")
+        for name, value in zip(names, operands):
+            sub_placeholders[name] = value
+        return sub.run(*operands)
 
     def _propagate_const(self, target, args, kwargs, result):
         """Values computed from constants alone (shapes, aranges) are kept concrete, so that

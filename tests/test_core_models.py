@@ -1,4 +1,6 @@
 """The boolean mapping on hand-written models, against answers worked out by hand."""
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -142,3 +144,50 @@ def test_tied_weights_are_one_entry_with_both_names():
     assert imap.names == ["emb.weight"]
     assert imap.labels_of("out.weight") == imap.labels_of("emb.weight")
     assert "out.weight" in imap.table()
+
+
+class Regions(nn.Module):
+    """A buffer read under no_grad and a layer run with autocast disabled: torch.export wraps
+    both regions in higher-order operators around a subgraph."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("freq", torch.randn(3))
+
+    def forward(self, obs):
+        with torch.no_grad():
+            f = torch.cos(self.freq * 2.0)
+        with torch.autocast("cpu", enabled=False):
+            h = self.fc(obs)
+        return h * f
+
+
+def test_no_grad_and_autocast_regions_are_mapped_as_if_inlined():
+    t = fs.trace(Regions(), (torch.randn(2, 4),), {"obs": fs.Features(OBS)})
+    wrappers = {n.target.name() for n in t.graph.nodes if isinstance(n.target, torch._ops.HigherOrderOperator)}
+    assert wrappers == {"wrap_with_set_grad_enabled", "wrap_with_autocast"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fs.UnknownOperatorWarning)
+        imap = fs.interaction_map(t)
+    assert element(imap, "fc.weight", (1, 2)) == {"obs:x"}
+    assert key(imap, "freq", (1,)) == ({"fc[1]"}, {"fc[1]"})  # the buffer meets the unit it scales
+    assert imap == fs.gradient_interaction_map(t, trials=2)
+
+
+class WithOptionalArgs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, obs, cache=None, mask=None):
+        assert cache is None
+        return self.fc(obs * mask)
+
+
+def test_named_inputs_are_passed_by_keyword_when_they_skip_a_parameter():
+    inputs = {"obs": torch.randn(2, 4), "mask": torch.ones(2, 4)}
+    t = fs.trace(WithOptionalArgs(), inputs, {"obs": fs.Features(OBS)})
+    assert t.keywords and t.input_names == ["obs", "mask"]
+    assert names(fs.interaction_map(t).labels_of("fc.weight")) == {f"obs:{f}" for f in OBS} | {"mask"}
+    assert not fs.trace(MLP(), {"obs": torch.randn(2, 4)}).keywords    # forward's leading parameters: positional

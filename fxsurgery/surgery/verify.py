@@ -206,9 +206,9 @@ def verify(plan, n: int = 8, seed: int = 0) -> Verification:
             g = torch.Generator().manual_seed(seed + trial)
             old_args, new_args = _inputs(plan, g, result.notes)
             torch.manual_seed(seed + trial)
-            old_out = _tensors(old_model(*old_args))
+            old_out = _tensors(plan.old.call(old_model, old_args))
             torch.manual_seed(seed + trial)
-            new_out = _tensors(new_model(*new_args))
+            new_out = _tensors(plan.new.call(new_model, new_args))
             for i, y in enumerate(new_out):
                 d = devs.get(i)
                 m = plan.outputs[i] if i < len(plan.outputs) else None
