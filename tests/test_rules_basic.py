@@ -118,3 +118,20 @@ def test_in_place_operators_update_their_argument():
     imap = fs.interaction_map(t)
     out = next(n for n in t.graph.nodes if n.op == "output").args[0][0].meta["fxsurgery"]["deps"]
     assert labels_at(imap, out, (0,)) == {"x", "y"}
+
+
+class ParamUsedTwice(nn.Module):
+    """A parameter concatenated with itself, then moved again (rotary embeddings do this)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2))
+
+    def forward(self, x):
+        return x * torch.cat([self.w, self.w]).unsqueeze(0)
+
+
+def test_a_parameter_moved_after_being_used_twice_keeps_its_provenance():
+    imap = fs.interaction_map(fs.trace(ParamUsedTwice(), (torch.randn(3, 4),), {"x": ABCD}))
+    assert element(imap, "w", (0,)) == {"x:a", "x:c"}
+    assert element(imap, "w", (1,)) == {"x:b", "x:d"}

@@ -156,7 +156,10 @@ def movement(ctx, op, args, kwargs, fill: Sequence = ()) -> object:
 def _movement_refs(op, args, kwargs, operands, fills, n_out):
     """Moves parameter provenance: runs the operator on flat parameter positions (+1, so that
     0 means 'not from this parameter'), once per parameter."""
-    params = [r for lt in operands for r in lt.refs]
+    # One run per distinct provenance: an operand used twice (cat([x, x]), as rotary embeddings
+    # do) lists the same ref twice. Membership is by identity: a ref holds an index tensor,
+    # which `==` (and so `in`) cannot compare.
+    params = list({id(r): r for lt in operands for r in lt.refs}.values())
     if not params or not all(lt.is_free for lt in operands):
         return None
     per_output: list[list[ParamRef]] | None = None
@@ -166,7 +169,7 @@ def _movement_refs(op, args, kwargs, operands, fills, n_out):
             moved = None
         else:
             def field(lt, ref=ref, pos=pos):
-                if ref in lt.refs:
+                if any(r is ref for r in lt.refs):
                     return (pos if tuple(pos.shape) == tuple(lt.shape) else pos.expand(lt.shape)) + 1
                 return torch.zeros(lt.shape, dtype=torch.float64)
             moved = _run_on(op, args, kwargs, field, fills)
