@@ -158,7 +158,7 @@ def cmd_transplant(args) -> int:
             raise CliError(f"writing {args.output!r} needs the safetensors package (pip install safetensors); "
                            "or write a .pt file") from None
     p = _plan(args, need_weights=True)
-    total = sum(int(p.new.model.state_dict()[q.name].numel()) for q in p.params.values())
+    total = sum(int(p.new.model.state_dict()[q.name].numel()) for q in p.params.values() if q.persistent)
     step = {"next": 0.1}
     t0 = time.perf_counter()
 

@@ -733,3 +733,35 @@ def test_in_place_writes_equal_the_fresh_build(change):
             w()
         assert torch.equal(dest, fresh), q.name
     assert in_place >= len(p.params) // 2
+
+
+class Positional(nn.Module):
+    """A non-persistent buffer (position-like, computed from the configuration) read by the graph."""
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, hidden), nn.Linear(hidden, 2)
+        self.register_buffer("pos", torch.linspace(0.5, 1.5, 4), persistent=False)
+
+    def forward(self, obs):
+        return self.fc2(torch.tanh(self.fc1(obs * self.pos)))
+
+
+def test_non_persistent_buffers_are_not_state_the_new_model_keeps_its_own():
+    torch.manual_seed(0)
+    old, new = Positional(5), Positional(7)
+    feats = {"obs": fs.Features(OBS)}
+    p = plan(fs.trace(old, (torch.randn(2, 4),), feats), fs.trace(new, (torch.randn(2, 4),), feats))
+    pos = p.params["pos"]
+    assert not pos.persistent and pos.status == "kept" and pos.old_name is None
+    assert "non-persistent buffer" in p.table() and "pos" not in p.dropped
+    assert p.preserves_function, str(p)
+    with torch.no_grad():
+        new.pos.mul_(2)   # what the new model computed for itself is what it keeps
+    want = new.pos.clone()
+    p.apply()
+    assert torch.equal(new.pos, want)
+    assert torch.equal(new.fc1.weight[:5], old.fc1.weight)
+    with torch.no_grad():
+        new.pos.copy_(old.pos)
+    assert float(verify(p)) <= 1e-5

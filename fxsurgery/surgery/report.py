@@ -26,6 +26,8 @@ def _reordered(m) -> bool:
 
 def reason(plan, p) -> str:
     m, space = p.match, plan.space
+    if not p.persistent:
+        return "non-persistent buffer (not saved state): the new model's own values"
     if not p.in_graph:
         return "not read by the graph: copied by name" if p.old_name else "not read by the graph: kept"
     if m.unexplained:
@@ -61,7 +63,7 @@ def _row(plan, p):
     total = math.prod(m.new_shape)
     copied = m.n_copied() if p.old_name is not None else 0
     init = total - copied
-    zeroed = m.n_zeroed(plan.new_categories) if p.in_graph else 0
+    zeroed = m.n_zeroed(plan.new_categories) if p.in_graph and p.persistent else 0
     zeroed = min(zeroed, init)
     dropped = (math.prod(m.old_shape) - copied if m.unexplained else m.n_dropped()) \
         if p.old_name is not None and m.old_shape is not None else 0
