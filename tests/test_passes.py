@@ -460,3 +460,12 @@ def test_every_pass_on_the_five_policy():
     widened = cases[4][0].state_dict()
     assert widened["core.weight_hh_l0"].shape == (4 * 40, 40)
     assert unchanged(m, before)
+
+
+def test_the_result_carries_node_metadata_of_its_own_shapes():
+    """Other torch passes read node.meta["val"]: it must describe the new module."""
+    m, tr = traced_mlp()
+    gm = fs.passes.widen(tr, "fc1", 12)
+    linear = next(n for n in gm.graph.nodes if n.name == "linear")
+    assert tuple(linear.meta["val"].shape) == (2, 12)
+    assert all("tensor_meta" not in n.meta for n in gm.graph.nodes)

@@ -229,6 +229,11 @@ def check_shapes(gm: torch.fx.GraphModule, inputs: tuple, shapes: dict) -> None:
             if isinstance(out, torch.Tensor) and n.name in expected and tuple(out.shape) != expected[n.name]:
                 raise SizingError(f"{_where(n)}: computes shape {tuple(out.shape)} after the change, expected "
                                   f"{expected[n.name]}; the change cannot be expressed in this graph")
+            # The node's metadata now describes the new module (as FakeTensorProp writes it);
+            # what was carried over from the old graph would mislead the next pass.
+            n.meta["val"] = out
+            for stale in ("tensor_meta", "fxsurgery"):
+                n.meta.pop(stale, None)
             return out
 
     # Fake tensors (shapes and devices, no storage): creation ops inside the graph that name a
