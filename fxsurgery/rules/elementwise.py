@@ -164,7 +164,9 @@ ZERO_DERIVATIVE = ops(
     "eq.Tensor", "eq.Scalar", "ne.Tensor", "ne.Scalar", "lt.Tensor", "lt.Scalar", "le.Tensor",
     "le.Scalar", "gt.Tensor", "gt.Scalar", "ge.Tensor", "ge.Scalar", "logical_and.default",
     "logical_or.default", "logical_not.default", "logical_xor.default", "bitwise_and.Tensor",
-    "bitwise_or.Tensor", "bitwise_not.default", "bitwise_xor.Tensor", "isnan.default", "isinf.default",
+    "bitwise_or.Tensor", "bitwise_not.default", "bitwise_xor.Tensor",
+    # `a & b` on tensors (attention-mask building in Hugging Face models) exports as __and__.
+    "__and__.Tensor", "__or__.Tensor", "__xor__.Tensor", "isnan.default", "isinf.default",
     "isfinite.default", "sign.default", "floor.default", "ceil.default", "round.default", "trunc.default",
     "floor_divide.default", "argmax.default", "argmin.default", "any.default", "any.dim", "all.default",
     "all.dim", "zeros_like.default", "ones_like.default", "full_like.default", "empty_like.default",
