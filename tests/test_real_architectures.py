@@ -4,7 +4,8 @@ embeddings, BERT with a wider feed-forward layer, a Llama decoder gaining attent
 (whole key/value groups under grouped-query attention), a ViT gaining an input channel.
 Each: the plan preserves the function, fs.verify <= 1e-5 on the old positions, old elements
 are copied bit-identically, new ones zeroed where they meet a new label, and the new model
-then trains for a few steps."""
+then trains for a few steps. Eager and sdpa attention are spread over the cases (both for
+Llama); the whole file runs in about 10 s on 2 cores."""
 import math
 
 import pytest
@@ -23,10 +24,12 @@ NEW_TOKENS = ["<sep>", "<user>", "<bot>"]
 
 
 def transplant(old, new, **plan_kwargs):
-    model, plan = fs.transplant(old.model, new.model, old.inputs, new.inputs, old.features, new.features,
-                                **plan_kwargs)
+    plan = fs.plan(fs.trace(*old), fs.trace(*new), **plan_kwargs)
+    assert float(fs.verify(plan)) > 1e-2        # before apply the models differ: verify is not vacuous
+    model = plan.apply()
     assert plan.preserves_function, str(plan)
     assert not any(p.match.unexplained for p in plan.params.values()), plan.table()
+    assert not [n for n in plan.notes if "no label rule" in n]   # not even run through a decomposition
     deviation = fs.verify(plan)
     assert all(o.compared for o in deviation.outputs), str(deviation)
     assert float(deviation) <= TOL, str(deviation)
@@ -40,9 +43,8 @@ def trains(model, inputs, labels):
 
 # GPT-2: new tokens, tied embeddings ---------------------------------------------------------
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_gpt2_new_tokens_keep_the_tie_and_the_logits_over_the_old_tokens(attn):
-    old, new = gpt2(attn=attn), gpt2(VOCAB + NEW_TOKENS, attn=attn, seed=1)
+def test_gpt2_new_tokens_keep_the_tie_and_the_logits_over_the_old_tokens():
+    old, new = gpt2(attn="eager"), gpt2(VOCAB + NEW_TOKENS, attn="eager", seed=1)
     model, plan = transplant(old, new)
     V = len(VOCAB)
     wte, old_wte = model.transformer.wte.weight, old.model.transformer.wte.weight
@@ -60,7 +62,7 @@ def test_gpt2_new_tokens_keep_the_tie_and_the_logits_over_the_old_tokens(attn):
 
 
 def test_gpt2_new_token_rows_as_the_mean_of_the_old_ones():
-    old, new = gpt2(), gpt2(VOCAB + NEW_TOKENS, seed=1)
+    old, new = gpt2(attn="sdpa"), gpt2(VOCAB + NEW_TOKENS, attn="sdpa", seed=1)
     model, _ = transplant(old, new, new_categories="mean")
     V = len(VOCAB)
     mean = old.model.transformer.wte.weight.mean(0)
@@ -82,9 +84,8 @@ def test_gpt2_inputs_by_keyword_although_attention_mask_is_not_the_second_parame
 
 # BERT: a wider feed-forward layer -------------------------------------------------------------
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_bert_wider_intermediate_layer_preserves_the_function(attn):
-    old, new = bert(64, attn=attn), bert(80, attn=attn, seed=1)
+def test_bert_wider_intermediate_layer_preserves_the_function():
+    old, new = bert(64, attn="sdpa"), bert(80, attn="sdpa", seed=1)
     model, plan = transplant(old, new)
     for i in range(2):
         layer, old_layer = model.bert.encoder.layer[i], old.model.bert.encoder.layer[i]
@@ -129,7 +130,7 @@ def test_llama_gqa_more_heads_as_whole_kv_groups_preserves_the_function(attn):
 
 
 def test_llama_without_gqa_more_heads_preserves_the_function():
-    old, new = llama(4, 4), llama(6, 6, seed=1)
+    old, new = llama(4, 4, attn="sdpa"), llama(6, 6, attn="sdpa", seed=1)
     model, _ = transplant(old, new)
     _check_heads(model, old.model, 4, 4)
     trains(model, new.inputs, new.inputs["input_ids"])
@@ -144,17 +145,11 @@ def test_llama_heads_regrouped_onto_the_same_kv_heads_is_reported_not_preserved(
     assert any(i.kind == "unmatched" and "o_proj" in str(i) for i in plan.issues)
 
 
-def test_verify_is_not_vacuous_before_apply():
-    old, new = llama(4, 2), llama(6, 3, seed=1)
-    plan = fs.plan(fs.trace(*old), fs.trace(*new))
-    assert float(fs.verify(plan)) > 1e-2
-
 
 # ViT: a new input channel -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_vit_new_input_channel_preserves_the_function(attn):
-    old, new = vit(attn=attn), vit(RGB + ("depth",), attn=attn, seed=1)
+def test_vit_new_input_channel_preserves_the_function():
+    old, new = vit(attn="eager"), vit(RGB + ("depth",), attn="eager", seed=1)
     model, plan = transplant(old, new)
     conv, old_conv = model.vit.embeddings.patch_embeddings.projection, old.model.vit.embeddings.patch_embeddings.projection
     assert torch.equal(conv.weight[:, :3], old_conv.weight)
