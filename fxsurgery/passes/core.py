@@ -95,7 +95,7 @@ def rewrite(traced: Traced, change: Change) -> torch.fx.GraphModule:
         if got != shape:
             raise PassError(f"{change.what}: input {name!r} must become {shape} after the change, but its new "
                             f"example has shape {got}")
-    check_shapes(gm, tuple(inputs[n] for n in traced.input_names), shapes)
+    check_shapes(gm, traced, inputs, shapes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         new = trace(gm, inputs, change.descriptions)

@@ -209,9 +209,10 @@ def build_graph_module(traced, r: Reach) -> tuple[torch.fx.GraphModule, dict]:
     return gm, shapes
 
 
-def check_shapes(gm: torch.fx.GraphModule, inputs: tuple, shapes: dict) -> None:
-    """Runs the new module on meta tensors and checks each value against the shape the change
-    gives it (an unchanged value must keep its old shape)."""
+def check_shapes(gm: torch.fx.GraphModule, traced, inputs: dict, shapes: dict) -> None:
+    """Runs the new module on fake tensors and checks each value against the shape the change
+    gives it (an unchanged value must keep its old shape). `inputs`: the new example inputs by
+    user name; the graph's input nodes are those of `traced`'s graph, in its order."""
     expected = {}
     for node in gm.graph.nodes:
         old = _old_shape(node)
@@ -240,7 +241,14 @@ def check_shapes(gm: torch.fx.GraphModule, inputs: tuple, shapes: dict) -> None:
     # device get fake tensors on it too.
     from torch._subclasses.fake_tensor import FakeTensorMode
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    args = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+    # The unlifted graph's placeholders are the exported program's user inputs, in its order
+    # (their names may differ: `input` becomes `input_1`).
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(traced.input_names):
+        raise SizingError(f"the new module takes {len(placeholders)} inputs, the traced model "
+                          f"{len(traced.input_names)}: {traced.input_names}")
+    args = [inputs[name] for name in traced.input_names]
+    args = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in args]
     params = {k: mode.from_tensor(v) for k, v in gm.state_dict(keep_vars=True).items()}
     # A failing operator is reported by the check, with the node named; fake tensor's own log
     # of the same failure would only repeat it.
@@ -255,6 +263,4 @@ def check_shapes(gm: torch.fx.GraphModule, inputs: tuple, shapes: dict) -> None:
 
 def _run_checked(gm, mode, args, params, check_cls) -> None:
     with mode, torch.nn.utils.stateless._reparametrize_module(gm, params):
-        flat = torch.fx._pytree.tree_flatten_spec((tuple(args), {}), gm._in_spec) \
-            if getattr(gm, "_in_spec", None) is not None else args
-        check_cls(gm).run(*flat)
+        check_cls(gm).run(*args)   # the graph's placeholders: the flattened inputs

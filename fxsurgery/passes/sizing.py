@@ -71,6 +71,7 @@ class Layout:
     abc: tuple
     parts: list
     covers: bool = False      # the parts hold every member of the class
+    class_size: int = 0       # members of the class in the old model
 
     @property
     def singletons(self) -> bool:
@@ -180,7 +181,7 @@ class Sizer:
         covers = len(present) == self.class_size.get(cls, -1)
         sizes = tuple(int(t.shape[d]) for d in axes)
         assert n == _prod(sizes)
-        return Layout(axes, sizes, (a, b, c), parts, covers)
+        return Layout(axes, sizes, (a, b, c), parts, covers, self.class_size.get(cls, 0))
 
     def _single_member(self, t: torch.Tensor, cls: ClassKey, shape) -> Layout | None:
         """A value that carries the same single member everywhere holds one position of the
@@ -196,7 +197,8 @@ class Sizer:
         ones = [d for d in range(t.dim()) if shape[d] == 1]
         if not ones:
             return None
-        return Layout((ones[-1],), (1,), (1, 1, 1), [part], self.class_size.get(cls) == 1)
+        return Layout((ones[-1],), (1,), (1, 1, 1), [part], self.class_size.get(cls) == 1,
+                      self.class_size.get(cls, 0))
 
 def _one_axis(t: torch.Tensor, axes) -> tuple | None:
     """((d,), the part id at each index along d) when, along every axis but d, the class is
@@ -258,6 +260,9 @@ def resize_parts(lay: Layout, order: Order, where: str) -> list:
         raise SizingError(f"{where}: the positions of {_cls(order.cls)} overlap (each holds several members "
                           "shared with others); the change cannot be placed")
     present = frozenset().union(*run)
+    strided = _strided_subset(run, present, order, lay.class_size)
+    if strided is not None:
+        return list(parts[:s]) + strided + list(parts[e:])
     # The members this run owns in the new order: its old members, and the new members that
     # follow one of them (or lead the order, when the run holds the first old member).
     first_old = next((m for m in order.members if m >= 0), None)
@@ -275,11 +280,137 @@ def resize_parts(lay: Layout, order: Order, where: str) -> list:
                           f"leaves {len(tokens)} members there, not a multiple of {B}")
     blocks = [frozenset(tokens[i:i + B]) for i in range(0, len(tokens), B)]
     old_blocks = set(run)
-    for blk in blocks:
-        if not (blk in old_blocks or all(m < 0 for m in blk)):
+    bad = next((blk for blk in blocks if not (blk in old_blocks or all(m < 0 for m in blk))), None)
+    if bad is None:
+        kept = [blk for blk in blocks if blk in old_blocks]
+        if kept != [blk for blk in run if blk in set(kept)]:
+            # The positions hold the members in another order than the order's (rotary's
+            # rotate_half puts the second half of each head first): old positions stay where
+            # they are, new blocks go before the old one they precede in the order.
+            blocks = _keep_positions(run, blocks, old_blocks)
+    if bad is not None:
+        patterned = _pattern_blocks(run, tokens, B)
+        if patterned is None:
+            patterned = _transversal_blocks(run, tokens)
+        if patterned is None:
             raise SizingError(f"{where}: takes {_cls(order.cls)} in blocks of {B} (heads, gates); the change "
-                              f"breaks a block ({sorted(blk)}): add or remove whole blocks")
+                              f"breaks a block ({sorted(bad)}): add or remove whole blocks")
+        blocks = patterned
     return list(parts[:s]) + blocks + list(parts[e:])
+
+
+def _strided_subset(run: list, present: frozenset, order: Order, size: int) -> list | None:
+    """A value that holds the same offsets R of every group of P consecutive members (the second
+    half of each head's dimensions, sliced off for rotary embeddings): when the order keeps
+    every old member and adds whole groups at the end, the new positions are the old ones
+    followed by the offsets R of each new group, in the old positions' pattern. None when the
+    members present are not such a subset (then they are a range, handled by ownership)."""
+    if not size or len(present) == size or max(present) - min(present) + 1 == len(present):
+        return None
+    for P in range(2, size):
+        if size % P:
+            continue
+        R = sorted({m % P for m in present})
+        if present != frozenset(g * P + r for g in range(size // P) for r in R):
+            continue
+        old = [m for m in order.members if m >= 0]
+        new = [m for m in order.members if m < 0]
+        if old != list(range(size)) or order.members[:size] != old or len(new) % P:
+            return None
+        patterns = [sorted(m % P for m in part) for part in run if all(m < P for m in part)]
+        return list(run) + [frozenset(chunk[r] for r in pat)
+                            for chunk in (new[i:i + P] for i in range(0, len(new), P)) for pat in patterns]
+    return None
+
+
+def _keep_positions(run: list, blocks: list, old_blocks: set) -> list:
+    survivors = set(blk for blk in blocks if blk in old_blocks)
+    before: dict = {}
+    pending = []
+    for blk in blocks:
+        if blk in old_blocks:
+            before[blk] = pending
+            pending = []
+        else:
+            pending.append(blk)
+    out = []
+    for blk in run:
+        if blk in survivors:
+            out.extend(before.get(blk, []))
+            out.append(blk)
+    return out + pending
+
+
+def _pattern_blocks(run: list, tokens: list, B: int) -> list | None:
+    """Blocks that are not runs of consecutive members but follow one pattern within each
+    group of P consecutive members (rotary embeddings pair member d with d + head_dim / 2
+    inside each head): the new order must then come in whole groups, and a group of new
+    members gets the old groups' pattern. None when there is no such P."""
+    members = sorted(frozenset().union(*run))
+    rank = {m: i for i, m in enumerate(members)}
+    for P in range(2 * B, len(members) + 1, B):
+        if len(members) % P:
+            continue
+        group_of = [{rank[m] // P for m in part} for part in run]
+        if any(len(g) != 1 for g in group_of):
+            continue
+        groups = [next(iter(g)) for g in group_of]
+        if groups != sorted(groups):      # each group's positions together, groups in order
+            continue
+        pattern = [tuple(sorted(rank[m] % P for m in part)) for part, g in zip(run, groups) if g == 0]
+        per_group = {}
+        for part, g in zip(run, groups):
+            per_group.setdefault(g, []).append(tuple(sorted(rank[m] % P for m in part)))
+        if any(p != pattern for p in per_group.values()):
+            continue
+        if len(tokens) % P:
+            return None
+        by_members = {frozenset(members[g * P:(g + 1) * P]): g for g in per_group}
+        blocks = []
+        for i in range(0, len(tokens), P):
+            chunk = tokens[i:i + P]
+            if all(m >= 0 for m in chunk) and frozenset(chunk) in by_members:
+                g = by_members[frozenset(chunk)]
+                blocks.extend(part for part, gg in zip(run, groups) if gg == g)
+            elif all(m < 0 for m in chunk):
+                blocks.extend(frozenset(chunk[r] for r in p) for p in pattern)
+            else:
+                return None
+        return blocks
+    return None
+
+
+def _transversal_blocks(run: list, tokens: list) -> list | None:
+    """Positions that each hold the same pattern of members from every group of P consecutive
+    members (the head_dim axis of a [heads, head_dim] split seen from one head_dim position, a
+    rotary frequency met by every head): a change in whole groups keeps the number of
+    positions, and each position takes its pattern from the new groups too."""
+    members = sorted(frozenset().union(*run))
+    rank = {m: i for i, m in enumerate(members)}
+    for P in range(1, len(members)):
+        if len(members) % P or len(members) // P < 2:
+            continue
+        n_groups = len(members) // P
+        patterns = []
+        for part in run:
+            by_group: dict[int, set] = {}
+            for m in part:
+                by_group.setdefault(rank[m] // P, set()).add(rank[m] % P)
+            if len(by_group) != n_groups or len({frozenset(v) for v in by_group.values()}) != 1:
+                break
+            patterns.append(sorted(next(iter(by_group.values()))))
+        else:
+            if len(tokens) % P:
+                return None
+            chunks = [tokens[i:i + P] for i in range(0, len(tokens), P)]
+            new = [c for c in chunks if all(m < 0 for m in c)]
+            if any(not all(m < 0 for m in c) and not all(m >= 0 for m in c) for c in chunks):
+                return None
+            kept = frozenset(m for c in chunks if all(m >= 0 for m in c) for m in c)
+            if kept != frozenset(members):
+                return None   # whole old groups removed: not handled here
+            return [frozenset(part) | frozenset(c[r] for c in new for r in pat) for part, pat in zip(run, patterns)]
+    return None
 
 
 def new_sizes(lay: Layout, new_parts: list, where: str) -> tuple:

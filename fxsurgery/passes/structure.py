@@ -118,7 +118,7 @@ def insert_identity_layer(model, after: str, name: str | None = None, *, inputs=
     graph.lint()
     gm.recompile()
     inputs_new = new_inputs(traced, {})
-    check_shapes(gm, tuple(inputs_new[k] for k in traced.input_names), {})
+    check_shapes(gm, traced, inputs_new, {})
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
