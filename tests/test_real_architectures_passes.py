@@ -114,3 +114,51 @@ def test_vit_add_an_input_channel():
     assert w.shape[1] == 4 and torch.count_nonzero(w[:, 3]) == 0
     assert torch.equal(w[:, :3], old.model.vit.embeddings.patch_embeddings.projection.weight)
     train(gm)
+
+
+@pytest.mark.parametrize("case", [
+    "gpt2 widen mlp", "gpt2 insert identity", "gpt2 add heads", "llama widen swiglu", "llama add tokens",
+    "bert add heads", "bert insert identity", "vit reorder channels", "vit remove channel"])
+def test_more_passes_on_the_real_architectures(case):
+    """The other passes on the same models: widening GPT-2's feed-forward layer (a Conv1D,
+    weight stored [in, out]), an identity layer inserted, heads added to GPT-2's fused q/k/v
+    projection and to BERT, Llama's gated feed-forward widened (gate and up projections are
+    multiplied: they widen together), tokens added to Llama (untied), ViT's channels reordered
+    and one removed (the function with that channel at zero)."""
+    model, change, check = {
+        "gpt2 widen mlp": (lambda: R.gpt2(), lambda t: fs.passes.widen(t, "transformer.h.0.mlp.c_fc", by=16),
+                           lambda sd: sd["transformer.h.0.mlp.c_fc.weight"].shape == (32, 144)),
+        "gpt2 insert identity": (lambda: R.gpt2(), lambda t: fs.passes.insert_identity_layer(t, "transformer.h.0.mlp.c_fc"),
+                                 lambda sd: sd["transformer_h_0_mlp_c_fc_identity.weight"].shape == (128, 128)),
+        "gpt2 add heads": (lambda: R.gpt2(attn="sdpa"), lambda t: fs.passes.add_heads(t, "transformer.h.0.attn", 2),
+                           lambda sd: sd["transformer.h.0.attn.c_attn.weight"].shape == (32, 3 * 48)),
+        "llama widen swiglu": (lambda: R.llama(attn="sdpa"),
+                               lambda t: fs.passes.widen(t, "model.layers.1.mlp.gate_proj", by=16),
+                               lambda sd: sd["model.layers.1.mlp.up_proj.weight"].shape == (80, 48)
+                               and sd["model.layers.1.mlp.down_proj.weight"].shape == (48, 80)),
+        "llama add tokens": (lambda: R.llama(attn="sdpa"), lambda t: fs.passes.add_categories(t, "input_ids", ["<x>"]),
+                             lambda sd: sd["model.embed_tokens.weight"].shape == (len(R.VOCAB) + 1, 48)),
+        "bert add heads": (lambda: R.bert(attn="sdpa"), lambda t: fs.passes.add_heads(t, "bert.encoder.layer.1.attention", 2),
+                           lambda sd: sd["bert.encoder.layer.1.attention.self.query.weight"].shape == (48, 32)),
+        "bert insert identity": (lambda: R.bert(attn="sdpa"),
+                                 lambda t: fs.passes.insert_identity_layer(t, "bert.encoder.layer.0.intermediate.dense"),
+                                 lambda sd: sd["bert_encoder_layer_0_intermediate_dense_identity.weight"].shape == (64, 64)),
+        "vit reorder channels": (lambda: R.vit(), lambda t: fs.passes.reorder_features(t, "pixel_values", ["b", "r", "g"]),
+                                 lambda sd: True),
+        "vit remove channel": (lambda: R.vit(), lambda t: fs.passes.remove_features(t, "pixel_values", ["g"]),
+                               lambda sd: sd["vit.embeddings.patch_embeddings.projection.weight"].shape[1] == 2),
+    }[case]
+    built = model()
+    gm = change(fs.trace(built.model, built.inputs, built.features))
+    p = gm.meta["fxsurgery"]["plan"]
+    assert check(gm.state_dict()), {k: tuple(v.shape) for k, v in gm.state_dict().items()}
+    if case == "vit remove channel":
+        assert [i.kind for i in p.issues] == ["removed input"]
+        x = gm.meta["fxsurgery"]["inputs"]["pixel_values"]
+        x_old = torch.stack([x[:, 0], torch.zeros_like(x[:, 0]), x[:, 1]], 1)
+        torch.testing.assert_close(_logits(gm(pixel_values=x)), _logits(built.model(pixel_values=x_old)),
+                                   rtol=TOL, atol=TOL)
+    else:
+        assert p.preserves_function, [str(i) for i in p.issues]
+        assert fs.verify(p).max <= TOL
+    train(gm, steps=2)

@@ -145,7 +145,9 @@ def _groups(traced, name: str, what: str) -> dict[str, int]:
     groups = unit_groups(traced)
     if name in groups:
         return {name: groups[name]}
-    under = {g: n for g, n in groups.items() if g.startswith(name + ".")}
+    # A module name stands for the axes under it: its layers ("core" -> "core.l0") and the
+    # columns of a weight stored [in, out] ("c_fc" -> "c_fc:1", GPT-2's Conv1D).
+    under = {g: n for g, n in groups.items() if g.startswith(name + ".") or g.startswith(name + ":")}
     if not under:
         raise PassError(f"{what}: no hidden axis {name!r}; the model's hidden axes are "
                         f"{sorted(groups)} (a module name stands for the axes under it)")
