@@ -469,3 +469,26 @@ def test_the_result_carries_node_metadata_of_its_own_shapes():
     linear = next(n for n in gm.graph.nodes if n.name == "linear")
     assert tuple(linear.meta["val"].shape) == (2, 12)
     assert all("tensor_meta" not in n.meta for n in gm.graph.nodes)
+
+
+class SoftmaxHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, obs):
+        return torch.softmax(self.fc(obs), -1)
+
+
+def test_pruning_units_under_a_softmax_is_reported():
+    """A softmax over units some of which are pruned normalises over fewer terms: the plan must
+    say so (found by the property over random architectures)."""
+    torch.manual_seed(9)
+    m = SoftmaxHead().eval()
+    tr = fs.trace(m, {"obs": torch.randn(2, 4)}, {"obs": fs.Features(OBS)})
+    p = plan_of(fs.passes.prune_units(tr, "fc", [0, 2]))
+    assert not p.preserves_function
+    softmax = [i for i in p.issues if i.kind == "softmax"]
+    assert softmax and "kept positions together with removed ones (fc[1, 3, 4])" in softmax[0].message, p.issues
+    p = plan_of(fs.passes.prune_units(tr, "fc", [0, 1, 2, 3, 4][::-1]))   # a reordering removes nothing
+    assert p.preserves_function and fs.verify(p).max <= TOL

@@ -7,7 +7,8 @@ crashes with anything but those errors, and never modifies the old model.
 
 The changes: features added (at a random position) to, removed from, or reordered in a feature
 input; categories added to an index input; a random hidden axis widened or pruned; an identity
-layer inserted after a random Linear. Which change applies is drawn from what the model has.
+layer inserted after a random Linear; heads added to a random attention. Which change applies is
+drawn from what the model has.
 
 `test_the_property_has_teeth` plants a bug (the plan is made but the weights are not carried
 over) and shows the property fails on it. Examples: FXSURGERY_PASS_EXAMPLES (default 40).
@@ -32,7 +33,7 @@ EXAMPLES = int(os.environ.get("FXSURGERY_PASS_EXAMPLES", "40"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 KINDS = ("add_features", "remove_features", "reorder_features", "add_categories", "widen", "prune_units",
-         "insert_identity_layer")
+         "insert_identity_layer", "add_heads")
 
 
 @st.composite
@@ -55,7 +56,18 @@ def _applicable(tr) -> list[str]:
         kinds += ["widen", "prune_units"]
     if any(isinstance(m, torch.nn.Linear) for m in tr.model.modules()):
         kinds.append("insert_identity_layer")
+    if _attentions(tr):
+        kinds.append("add_heads")
     return kinds
+
+
+def _attentions(tr) -> list[str]:
+    """Module paths of the fused attentions (sdpa and MultiheadAttention layers)."""
+    out = []
+    for n in tr.graph.nodes:
+        if n.op == "call_function" and "scaled_dot_product_attention" in str(n.target):
+            out.append(list((n.meta.get("nn_module_stack") or {}).values())[-1][0])
+    return sorted(set(out))
 
 
 def _apply(kind: str, tr, r: int, k: int):
@@ -80,6 +92,9 @@ def _apply(kind: str, tr, r: int, k: int):
         if not cats:
             return None
         return fs.passes.add_categories(tr, cats[r % len(cats)], [f"new{i}" for i in range(k)])
+    if kind == "add_heads":
+        paths = _attentions(tr)
+        return fs.passes.add_heads(tr, paths[r % len(paths)], k)
     groups = sorted(fs.passes.unit_groups(tr).items())
     if kind == "insert_identity_layer":
         linears = [n for n, m in tr.model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -100,7 +115,7 @@ def check(spec, which, r, k, outcomes: Counter) -> None:
         warnings.simplefilter("ignore")
         tr = fs.trace(model, inputs, features)
         kinds = _applicable(tr)
-        kind = kinds[which % len(kinds)]
+        kind = kinds[(which + r) % len(kinds)]   # r spreads the draws over what applies
         try:
             gm = _apply(kind, tr, r, k)
         except (PassError, SizingError) as err:

@@ -101,7 +101,7 @@ def _rewrite_args(node, shapes: dict) -> None:
             node.target = aten.split_with_sizes.default
             args = [args[0], sizes, dim]
     elif name == "unflatten" and new is not None:
-        dim = args[1] % len(new)
+        dim = args[1] % len(_old_shape(args[0]))     # counted on the input's axes
         args[2] = list(new[dim:dim + len(args[2])])
     elif name in _NORMALISED_SHAPE:
         x = args[0]
@@ -209,18 +209,52 @@ def build_graph_module(traced, r: Reach) -> tuple[torch.fx.GraphModule, dict]:
     return gm, shapes
 
 
+def _no_new_broadcast(node, env, before) -> None:
+    """An axis that shrinks to one position next to an operand that keeps several would be
+    broadcast against it: the operator would run and compute something else (a query pruned to
+    one head attends with every key head). Refused, naming the node."""
+    operands = [a for a in node.all_input_nodes if a in env and isinstance(env[a], torch.Tensor)
+                and a.name in before]
+    if len(operands) < 2 or node.name not in before:
+        return
+    # Only where operands broadcast against each other: element-wise operators (their output is
+    # the broadcast of their operands) and attention's batch and head axes.
+    if _packet(node) in ("scaled_dot_product_attention",):
+        axes = range(3, max(env[a].dim() for a in operands) + 1)
+    else:
+        try:
+            if tuple(torch.broadcast_shapes(*[before[a.name] for a in operands])) != before[node.name]:
+                return
+        except RuntimeError:
+            return
+        axes = range(1, max(env[a].dim() for a in operands) + 1)
+    for k in axes:
+        sizes = [(a, env[a].shape[-k] if env[a].dim() >= k else None,
+                  before[a.name][-k] if len(before[a.name]) >= k else None) for a in operands]
+        shrunk = [a for a, new, old in sizes if new == 1 and old is not None and old > 1]
+        wide = [a for a, new, old in sizes if new is not None and new > 1]
+        if shrunk and wide:
+            raise SizingError(f"{_where(node)}: %{shrunk[0].name} shrinks to one position along axis -{k}, "
+                              f"where %{wide[0].name} keeps {env[wide[0]].shape[-k]}: it would be broadcast; "
+                              "the change cannot be expressed in this graph")
+
+
 def check_shapes(gm: torch.fx.GraphModule, traced, inputs: dict, shapes: dict) -> None:
     """Runs the new module on fake tensors and checks each value against the shape the change
     gives it (an unchanged value must keep its old shape). `inputs`: the new example inputs by
     user name; the graph's input nodes are those of `traced`'s graph, in its order."""
-    expected = {}
+    expected, before = {}, {}
     for node in gm.graph.nodes:
         old = _old_shape(node)
-        if old is not None and node.op == "call_function":
-            expected[node.name] = tuple(shapes.get(node.name, old))
+        if old is not None:
+            before[node.name] = old
+            if node.op == "call_function":
+                expected[node.name] = tuple(shapes.get(node.name, old))
 
     class _Check(torch.fx.Interpreter):
         def run_node(self, n):
+            if n.op == "call_function":
+                _no_new_broadcast(n, self.env, before)
             try:
                 out = super().run_node(n)
             except Exception as e:  # noqa: BLE001 - re-raised with the node named

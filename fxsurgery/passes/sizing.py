@@ -437,8 +437,12 @@ def new_sizes(lay: Layout, new_parts: list, where: str) -> tuple:
                 continue
             sizes2 = lay.sizes[:k] + (n2 // rest,) + lay.sizes[k + 1:]
             if _keeps_coordinates(lay, sizes2, k, (a2, b, c2), pos_new, olds):
-                found.append(sizes2)
-    found = sorted(set(found))
+                found.append((sizes2, _keeps_coordinates(lay, sizes2, None, (a2, b, c2), pos_new, olds)))
+    # Several axes could take the change (q/k/v thirds of 8 growing to 16, or 6 parts of 8):
+    # the one where every old position keeps all its coordinates (the axis grows at its end
+    # within each part) is the reading that keeps the parts what they were.
+    exact = sorted({f for f, same in found if same})
+    found = exact if len(exact) == 1 else sorted({f for f, _ in found})
     if len(found) != 1:
         raise SizingError(f"{where}: cannot tell how the axes {lay.axes} of sizes {lay.sizes} change "
                           f"({'no' if not found else 'several'} consistent shapes: {found})")
@@ -454,7 +458,7 @@ def _keeps_coordinates(lay, sizes2, k, abc2, pos_new, olds) -> bool:
             old_flat = (q // c) * b * c + r * c + q % c
             new_flat = (q2 // c2) * b * c2 + r * c2 + q2 % c2
             o, n = _unravel(old_flat, lay.sizes), _unravel(new_flat, sizes2)
-            if any(o[d] != n[d] for d in range(len(o)) if d != k):
+            if any(o[d] != n[d] for d in range(len(o)) if d != k):   # k=None: every axis
                 return False
     return True
 

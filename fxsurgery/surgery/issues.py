@@ -123,36 +123,49 @@ def output_keys(traced) -> list:
     return result
 
 
-def _new_flags(space: LabelSpace, ids: torch.Tensor) -> tuple[torch.Tensor, set]:
+def _flags(space: LabelSpace, ids: torch.Tensor, side: str) -> tuple[torch.Tensor, set]:
+    """Per element: does its set hold a label only the new model has (side "new"), or one the
+    new model lacks (side "old")? And which such labels there are."""
+    only = space.new_only if side == "new" else space.removed
     uniq, inv = unique(ids)
     found = set()
     flags = []
     for sid in uniq.tolist():
-        new = space.tokens("new", sid) & space.new_only
-        found |= new
-        flags.append(bool(new))
+        hit = space.tokens(side, sid) & only
+        found |= hit
+        flags.append(bool(hit))
     return torch.tensor(flags, dtype=torch.bool).index_select(0, inv.reshape(-1)).reshape(ids.shape), found
 
 
-def check_points(space: LabelSpace, points) -> list[Issue]:
+def check_points(space: LabelSpace, points, side: str = "new") -> list[Issue]:
+    """The normalisations, softmaxes and attention scores that mix positions holding new labels
+    with old ones (points of the new graph, side "new"), or positions holding removed labels
+    (pruned units, removed features) with kept ones (points of the old graph, side "old")."""
     issues = []
     for kind, where, ids, dims in points:
-        flags, new = _new_flags(space, ids)
-        if not new or not dims:
+        flags, labels = _flags(space, ids, side)
+        if not labels or not dims:
             continue
         f = flags.to(torch.int8)
         mixed = f.amax(dim=dims) != f.amin(dim=dims)
-        if bool(mixed.any()):
-            if kind == "attention":
-                msg = (f"scores sum over old and new head dimensions ({describe(new, space)}): the new query "
-                       "and key rows change the attention weights, function preservation is impossible here")
-            elif kind == "softmax":
-                msg = (f"mixes old positions with new ones ({describe(new, space)}): the old outputs' "
-                       "normalisation changes, function preservation is impossible here")
-            else:
-                msg = (f"normalises old positions together with new ones ({describe(new, space)}): "
-                       "their statistics change, function preservation is impossible here")
-            issues.append(Issue(kind, where, msg))
+        if not bool(mixed.any()):
+            continue
+        what = describe(labels, space)
+        if side == "old":
+            verb = {"attention": "scores sum over", "softmax": "normalises over",
+                    "normalisation": "normalises"}[kind]
+            msg = (f"{verb} kept positions together with removed ones ({what}): without them the result "
+                   "changes, function preservation is impossible here")
+        elif kind == "attention":
+            msg = (f"scores sum over old and new head dimensions ({what}): the new query "
+                   "and key rows change the attention weights, function preservation is impossible here")
+        elif kind == "softmax":
+            msg = (f"mixes old positions with new ones ({what}): the old outputs' "
+                   "normalisation changes, function preservation is impossible here")
+        else:
+            msg = (f"normalises old positions together with new ones ({what}): "
+                   "their statistics change, function preservation is impossible here")
+        issues.append(Issue(kind, where, msg))
     return issues
 
 

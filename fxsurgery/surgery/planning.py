@@ -246,6 +246,7 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
         warnings.filterwarnings("ignore", message=".*_flat_weights.*")
         old_map = interaction_map(old)
         old_outputs = output_keys(old)  # read now: mapping `new` may overwrite node metadata
+        old_points = graph_points(old)
         old_splits = unit_splits(old, old_map.pool)
         new_map = interaction_map(new)
     new_outputs = output_keys(new)
@@ -327,7 +328,7 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
         for msg in msgs:
             warnings.warn(f"re-initialising {msg}", SurgeryWarning, stacklevel=2)
 
-    issues = check_points(space, points)
+    issues = check_points(space, points) + check_points(space, old_points, side="old")
     outputs, out_issues = match_outputs(space, old_outputs, new_outputs)
     issues += out_issues
     old_sd = old.model.state_dict()
