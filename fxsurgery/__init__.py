@@ -7,7 +7,7 @@ from .interaction_map import InteractionMap, compare, interaction_map
 from .rules import REGISTRY
 from .gradient_map import GradientMapError, gradient_dependence, gradient_interaction_map
 from .surgery import SurgeryError, SurgeryPlan, SurgeryWarning, plan, transplant, verify
-from . import passes
+from . import passes  # noqa: F401  (fs.passes.add_features, ...)
 
 __all__ = ["Features", "Categories", "Label", "trace", "Traced", "interaction_map", "InteractionMap",
            "compare", "REGISTRY", "CaptureError", "InputError", "RuleError", "UnknownOperatorWarning",

@@ -29,3 +29,30 @@ class Tied(nn.Module):
 
     def forward(self, tok):
         return self.out(torch.tanh(self.emb(tok)))
+
+
+class TwoLayer(nn.Module):
+    """obs -> fc1 -> relu -> fc2 (3 outputs): the smallest model with a hidden axis."""
+
+    def __init__(self, n_in=4, h=8):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(n_in, h), nn.Linear(h, 3)
+
+    def forward(self, obs):
+        return self.fc2(torch.relu(self.fc1(obs)))
+
+
+class SelfAttention(nn.Module):
+    """q, k, v projections split into heads, fused attention, an output projection."""
+
+    def __init__(self, d=8, heads=2, hd=4):
+        super().__init__()
+        self.hd = hd
+        self.q, self.k, self.v = nn.Linear(d, heads * hd), nn.Linear(d, heads * hd), nn.Linear(d, heads * hd)
+        self.o = nn.Linear(heads * hd, d)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, self.hd).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(a.transpose(1, 2).reshape(b, t, -1))

@@ -3,7 +3,6 @@ deviation <= 1e-5 where the plan says it is preserved), the returned module as a
 (trains, saves and loads, is traced and changed again), two passes in a row, and bad input
 (a clear error naming what exists, the input model untouched)."""
 import io
-import warnings
 
 import pytest
 import torch
@@ -17,11 +16,7 @@ TOL = 1e-5
 OBS = ["hp", "mana", "x", "y"]
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
 class MLP(nn.Module):

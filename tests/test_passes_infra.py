@@ -2,7 +2,6 @@
 PassManager pipelines mixing them with torch's own passes and hand-written ones, the labels they
 write into node.meta, function preservation, and the user's model left untouched."""
 import copy
-import warnings
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ from torch.fx.passes.infra.pass_manager import PassManager
 from torch.fx.passes.shape_prop import ShapeProp
 
 import fxsurgery as fs
+from helpers import SelfAttention as Attention
+from helpers import TwoLayer as MLP
 from fxsurgery.passes import (AddCategories, AddFeatures, InsertIdentityLayer, InteractionMapPass, PassError,
                               PruneUnits, RemoveFeatures, ReorderFeatures, Widen)
 from fxsurgery.passes.infra import INPUT, KEY_LABELS, LABELS, MAP, match_nodes, traced_source
@@ -23,20 +24,9 @@ FEATS = tuple(f"obs:{n}" for n in OBS)
 aten = torch.ops.aten
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
-class MLP(nn.Module):
-    def __init__(self, n_in=4, h=8):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(n_in, h), nn.Linear(h, 3)
-
-    def forward(self, obs):
-        return self.fc2(torch.relu(self.fc1(obs)))
 
 
 def setup(seed=0):
@@ -312,20 +302,6 @@ def test_matching_refuses_a_name_that_the_exporter_attributes_to_another_node():
 
 
 def test_add_heads_as_a_pass():
-    import torch.nn.functional as F
-
-    class Attention(nn.Module):
-        def __init__(self, d=8, heads=2, hd=4):
-            super().__init__()
-            self.hd = hd
-            self.q, self.k, self.v = nn.Linear(d, heads * hd), nn.Linear(d, heads * hd), nn.Linear(d, heads * hd)
-            self.o = nn.Linear(heads * hd, d)
-
-        def forward(self, x):
-            b, t, _ = x.shape
-            q, k, v = (p(x).view(b, t, -1, self.hd).transpose(1, 2) for p in (self.q, self.k, self.v))
-            return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
-
     torch.manual_seed(4)
     model = Attention().eval()
     inputs, features = {"x": torch.randn(2, 3, 8)}, {"x": fs.Features([f"f{i}" for i in range(8)])}

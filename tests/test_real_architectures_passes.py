@@ -5,7 +5,6 @@ output embeddings tied), BERT a wider feed-forward layer, a Llama decoder more a
 channel. Each: the pass on the traced model (no new model code, no new config), the function
 preserved on the old positions (relative deviation <= 1e-5), the tie kept where there was
 one, and three training steps of the rewritten module."""
-import warnings
 
 import pytest
 import torch
@@ -18,11 +17,7 @@ import real_models as R  # noqa: E402
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
 def _logits(out):

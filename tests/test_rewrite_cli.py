@@ -2,13 +2,13 @@
 `test_rewrite_cli:<name>` (pytest puts tests/ on sys.path); the zoo's as `fxsurgery.zoo:<name>`."""
 import json
 import re
-import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 
 import fxsurgery as fs
+from helpers import SelfAttention as Attention
+from helpers import TwoLayer as MLP
 from fxsurgery.cli import main, parser
 from fxsurgery.labels import description_from_json
 
@@ -16,21 +16,9 @@ OBS = ["hp", "mana", "x", "y"]
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
-class MLP(nn.Module):
-    def __init__(self, n_in=4, h=8):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(n_in, h), nn.Linear(h, 3)
-
-    def forward(self, obs):
-        return self.fc2(torch.relu(self.fc1(obs)))
 
 
 def mlp():
@@ -234,18 +222,6 @@ def test_a_checkpoint_that_does_not_match_and_an_existing_output_left_alone(tmp_
     assert "folder" in capsys.readouterr().err and not (tmp_path / "no").exists()
 
 
-class Attention(nn.Module):
-    def __init__(self, d=8, heads=2, hd=4):
-        super().__init__()
-        self.hd = hd
-        self.q, self.k, self.v = nn.Linear(d, heads * hd), nn.Linear(d, heads * hd), nn.Linear(d, heads * hd)
-        self.o = nn.Linear(heads * hd, d)
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        q, k, v = (p(x).view(b, t, -1, self.hd).transpose(1, 2) for p in (self.q, self.k, self.v))
-        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        return self.o(a.transpose(1, 2).reshape(b, t, -1))
 
 
 def attention():

@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 
 from ..capture import Traced, trace
 from ..interaction_map import interaction_map
-from ..labels import Categories, Features
 from ..surgery.planning import plan as make_plan
 from .graph import build_graph_module, check_shapes
 from .reach import reach
-from .sizing import Order, SizingError
+from .sizing import SizingError
 
 __all__ = ["PassError", "as_traced", "rewrite", "META"]
 

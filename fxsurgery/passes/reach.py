@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sizing import ClassKey, Layout, Order, Sizer, SizingError, _cls, coupled_order, new_sizes, resize_parts
+from .sizing import Sizer, SizingError, _cls, coupled_order, new_sizes, resize_parts
 
 __all__ = ["Reach", "reach"]
 

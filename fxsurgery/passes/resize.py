@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
 from ..labels import Categories, Features
 from .core import Change, PassError, as_traced, new_inputs, rewrite
 from .sizing import Order

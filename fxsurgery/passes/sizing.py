@@ -30,11 +30,11 @@ axis would also be a fixed-size input).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ..labels import EMPTY, Label
+from ..labels import EMPTY
 
 __all__ = ["Order", "SizingError", "ClassKey", "Sizer"]
 

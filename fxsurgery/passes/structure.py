@@ -12,8 +12,6 @@ projection's columns for the new heads follow by reach and start at zero.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx
 
