@@ -487,3 +487,18 @@ def test_pruning_units_under_a_softmax_is_reported():
     assert softmax and "kept positions together with removed ones (fc[1, 3, 4])" in softmax[0].message, p.issues
     p = plan_of(fs.passes.prune_units(tr, "fc", [0, 1, 2, 3, 4][::-1]))   # a reordering removes nothing
     assert p.preserves_function and fs.verify(p).max <= TOL
+
+
+def test_a_raw_input_sharing_the_stream_with_units_is_refused():
+    """x0 is zero-padded straight into the stream that c0's embedding units share: reordering
+    x0's features would permute those units' positions for what follows (a layer across
+    tokens), so the output's channels would move. Found by the property; refused."""
+    from fxsurgery.testing import ArchSpec, InputSpec, LayerSpec, build
+    spec = ArchSpec(inputs=(InputSpec("x0", n=3, raw=True), InputSpec("c0", kind="categories", n=2)), width=3,
+                    layers=(LayerSpec("mix_tokens"),), outputs=("stream",))
+    m, inputs, feats = build(spec, seed=0)
+    tr = fs.trace(m, inputs, feats)
+    names = list(feats["x0"].names)
+    with pytest.raises(SizingError, match=r"node %cat: the features of input 'x0' share their positions with the "
+                                          r"units of encoders.1.embedding:1 \(the input runs straight into"):
+        fs.passes.reorder_features(tr, "x0", names[::-1])

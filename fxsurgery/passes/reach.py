@@ -95,6 +95,15 @@ def reach(traced, imap, orders: dict) -> Reach:
                             if j[0] != "unit":
                                 raise SizingError(f"{where}: {_cls(k)} share their positions with {_cls(j)}, "
                                                   "which cannot change size; the change reaches a fixed-size input")
+                            if k[0] == "feature":
+                                # An input fed straight into a hidden axis (zero-padded into a
+                                # stream): its features and other units share positions, and
+                                # what follows (a layer across tokens) cannot tell them apart.
+                                # (Categories are another matter: the rows of an output
+                                # projection tied to the embedding follow them, as they should.)
+                                raise SizingError(f"{where}: {_cls(k)} share their positions with {_cls(j)} "
+                                                  "(the input runs straight into a hidden axis); changing them "
+                                                  "would move those units too, which is not supported")
                             orders[j] = o
                             coupled.append((j, k, where))
                             changed = True

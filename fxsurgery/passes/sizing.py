@@ -282,11 +282,12 @@ def resize_parts(lay: Layout, order: Order, where: str) -> list:
     old_blocks = set(run)
     bad = next((blk for blk in blocks if not (blk in old_blocks or all(m < 0 for m in blk))), None)
     if bad is None:
-        kept = [blk for blk in blocks if blk in old_blocks]
-        if kept != [blk for blk in run if blk in set(kept)]:
-            # The positions hold the members in another order than the order's (rotary's
-            # rotate_half puts the second half of each head first): old positions stay where
-            # they are, new blocks go before the old one they precede in the order.
+        firsts = [min(blk) for blk in run]
+        if firsts != sorted(firsts):
+            # The positions hold the members out of their own order (rotary's rotate_half puts
+            # the second half of each head first): old positions stay where they are, new
+            # blocks go before the old one they precede in the order. (Positions in member
+            # order follow the new order instead: that is what a reordering asks.)
             blocks = _keep_positions(run, blocks, old_blocks)
     if bad is not None:
         patterned = _pattern_blocks(run, tokens, B)
