@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import keyword
+
 import torch
 from torch import nn
 
@@ -51,7 +53,9 @@ class FiveConfig:
         # Names become ModuleDict keys and labels, so catch bad ones here rather than as an
         # obscure error deep inside nn.Module or the tracer.
         for name in [*self.groups, *self.heads, *self.categories]:
-            if not name or "." in name or hasattr(nn.ModuleDict, name):  # e.g. "items"
+            # A keyword ("global") is a valid attribute but not an attribute expression: the
+            # module torch.export unlifts from the graph would not compile.
+            if not name or "." in name or hasattr(nn.ModuleDict, name) or keyword.iskeyword(name):
                 raise ValueError(f"FiveConfig: {name!r} is not usable as a module name")
         clash = set(self.groups) & set(self.categories)
         if clash:
@@ -139,7 +143,7 @@ def five_config_large() -> FiveConfig:
              ("buildings", 8, 240), ("couriers", 2, 192), ("wards", 8, 128),
              ("summons", 8, 320), ("abilities", 24, 256), ("items", 16, 192),
              ("modifiers", 32, 128), ("projectiles", 16, 96)]
-    spec = {"global": (1, 1024), "self_hero": (1, 2560), "minimap": (1, 1280)}
+    spec = {"world": (1, 1024), "self_hero": (1, 2560), "minimap": (1, 1280)}
     spec.update({f"{side}_{k}": (n, f) for side in ("allied", "enemy", "neutral")
                  for k, n, f in kinds})
     return FiveConfig(

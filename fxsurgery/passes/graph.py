@@ -169,7 +169,12 @@ def build_graph_module(traced, r: Reach) -> tuple[torch.fx.GraphModule, dict]:
     """The new module: fresh parameters and buffers (resized ones initialised, the others
     copies), the graph with its shapes re-specialised; and the new shape of every value that
     changes (for `check_shapes`). The old model is only read."""
-    old_gm = traced.program.module()
+    try:
+        old_gm = traced.program.module()
+    except SyntaxError as err:   # torch writes `self.a.global` for a submodule named like a keyword
+        raise SizingError(f"torch.export cannot turn this graph back into a module ({err.msg}: "
+                          f"{(err.text or '').strip()}); a submodule named after a Python keyword? "
+                          "rename it") from err
     state = dict(old_gm.state_dict(keep_vars=True))
     memo = {}
     tied = {}
