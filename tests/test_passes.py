@@ -502,3 +502,25 @@ def test_a_raw_input_sharing_the_stream_with_units_is_refused():
     with pytest.raises(SizingError, match=r"node %cat: the features of input 'x0' share their positions with the "
                                           r"units of encoders.1.embedding:1 \(the input runs straight into"):
         fs.passes.reorder_features(tr, "x0", names[::-1])
+
+
+class MeanOverUnits(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, obs):
+        return torch.tanh(self.fc(obs)).mean(-1, keepdim=True)
+
+
+def test_widening_or_pruning_units_under_a_reduction_is_reported():
+    """A mean over a unit axis takes the new units' outputs (or loses the pruned ones) with no
+    weight in between to zero: not preserved, and the plan says where (found by the property)."""
+    torch.manual_seed(10)
+    m = MeanOverUnits().eval()
+    tr = fs.trace(m, {"obs": torch.randn(2, 4)}, {"obs": fs.Features(OBS)})
+    for gm in (fs.passes.widen(tr, "fc", by=2), fs.passes.prune_units(tr, "fc", [0, 1, 2])):
+        p = plan_of(gm)
+        assert not p.preserves_function
+        red = [i for i in p.issues if i.kind == "reduction"]
+        assert red and red[0].where.startswith("mean at %mean"), p.issues

@@ -20,7 +20,8 @@ __all__ = ["Issue", "graph_points", "output_keys", "check_points", "match_output
 
 @dataclass
 class Issue:
-    kind: str       # "normalisation", "softmax", "output", "removed input", "pruned units", "unmatched",
+    kind: str       # "normalisation", "softmax", "reduction", "output", "removed input", "pruned units",
+    #                 "unmatched",
     #                 or "new output": an output (or positions of one) the old model has no value for.
     #                 The old outputs are still computed exactly, so it does not count against
     #                 `SurgeryPlan.preserves_function`; it is said so that nobody is surprised.
@@ -51,6 +52,11 @@ _BATCH = {"aten::batch_norm", "aten::native_batch_norm", "aten::_native_batch_no
 _GROUP = {"aten::group_norm", "aten::native_group_norm"}
 _ATTENTION = {"aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
               "aten::_scaled_dot_product_attention_math"}
+# Parameter-free reductions: new positions (a new unit's output, whose incoming weights keep
+# their values) enter them directly, with no outgoing weight to zero.
+_REDUCE = {"aten::sum", "aten::mean", "aten::amax", "aten::amin", "aten::max", "aten::min", "aten::logsumexp",
+           "aten::prod", "aten::var", "aten::std", "aten::var_mean", "aten::std_mean", "aten::norm",
+           "aten::linalg_vector_norm", "aten::nansum", "aten::nanmean"}
 _SOFTMAX = {"aten::softmax", "aten::_softmax", "aten::log_softmax", "aten::_log_softmax", "aten::_safe_softmax",
             "aten::special_softmax"}
 
@@ -74,6 +80,16 @@ def graph_points(traced) -> list[tuple]:
             q = _keys(node.args[0])
             if q is not None:  # scores q . k sum over the head dimension
                 points.append(("attention", f"{name[6:]} at {_where(node)}", q.ids, [len(q.shape) - 1]))
+            continue
+        if name in _REDUCE:
+            lt = _keys(node.args[0]) if node.args else None
+            if lt is None or not len(lt.shape):
+                continue
+            dims = _bound(node).get("dim")
+            nd = len(lt.shape)
+            dims = list(range(nd)) if dims is None or dims == [] else \
+                sorted({d % nd for d in ([dims] if isinstance(dims, int) else dims)})
+            points.append(("reduction", f"{name[6:]} at {_where(node)}", lt.ids, dims))
             continue
         if name not in _LAYER | _BATCH | _GROUP | _SOFTMAX and name != "aten::instance_norm":
             continue
@@ -151,6 +167,13 @@ def check_points(space: LabelSpace, points, side: str = "new") -> list[Issue]:
         if not bool(mixed.any()):
             continue
         what = describe(labels, space)
+        if kind == "reduction":
+            mixed_with = "kept positions together with removed ones" if side == "old" else \
+                "old positions together with new ones"
+            msg = (f"reduces {mixed_with} ({what}) with no weight in between: the result changes, "
+                   "function preservation is impossible here")
+            issues.append(Issue(kind, where, msg))
+            continue
         if side == "old":
             verb = {"attention": "scores sum over", "softmax": "normalises over",
                     "normalisation": "normalises"}[kind]
