@@ -4,11 +4,12 @@
     gm = fs.passes.widen(gm, "core", 4096)         # a pass's output goes into the next pass
     fs.verify(gm.meta["fxsurgery"]["plan"])        # the old and new model on random inputs
 
-Modules: sizing (one axis: how a new label order resizes it), reach (every class a change
-drags along and the new shape of every value), graph (the new GraphModule: resized parameters,
-re-specialised literal shapes), core (trace -> reach -> rewrite -> plan -> apply), resize
-(features, categories, units), structure (inserted layers, attention heads), infra (the passes
-as torch.fx pass-infrastructure citizens).
+Modules: sizing (which positions of every value hold which members of a label class),
+placing (a new order placed in them: the new sizes), reach (every class a change drags along
+and the new shape of every value), graph (the new GraphModule: resized parameters,
+re-specialised literal shapes, the shape check), core (trace -> reach -> rewrite -> plan ->
+apply), resize (features, categories, units), structure (inserted layers, attention heads),
+infra (the passes as torch.fx pass-infrastructure citizens).
 """
 from .core import PassError, as_traced
 from .resize import (add_categories, add_features, prune_units, remove_features, reorder_features,

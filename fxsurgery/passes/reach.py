@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .sizing import Sizer, SizingError, _cls, coupled_order, new_sizes, resize_parts
+from .placing import coupled_order, new_sizes, resize_parts
+from .sizing import Sizer, SizingError, _cls
 
 __all__ = ["Reach", "reach"]
 
