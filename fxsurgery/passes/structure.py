@@ -174,14 +174,16 @@ def _attention_node(traced, attention: str):
 def _projection(sizer, node, what: str):
     """(unit class, its layout) of the projection whose units form the heads of `node`'s value
     [batch, heads, tokens, head_dim]: the unit class that varies along head_dim (and along the
-    heads axis, unless there is one key/value head shared by all)."""
+    heads axis, unless there is one key/value head shared by all; only along the heads axis
+    when heads have one dimension each)."""
     ids = sizer.node_ids(node)
     found = []
     for cls in sizer.classes_in(ids) if ids is not None else ():
         if cls[0] != "unit":
             continue
         lay = sizer.layout(sizer.restrict(ids, cls), cls)
-        if lay is not None and ids.dim() - 1 in lay.axes and set(lay.axes) <= {1, ids.dim() - 1}:
+        last = ids.dim() - 1
+        if lay is not None and set(lay.axes) <= {1, last} and (last in lay.axes or node.meta["val"].shape[-1] == 1):
             found.append((cls, lay))
     if len(found) != 1:
         raise PassError(f"add_heads: cannot tell which projection makes the {what} heads at node %{node.name} "
@@ -215,9 +217,10 @@ def add_heads(model, attention: str, n: int, *, inputs=None, features=None):
         raise PassError(f"add_heads: {hq} query heads over {hk} key/value heads")
     rep = hq // hk
     if hk == 1:
-        raise PassError(f"add_heads: {attention!r} shares one key/value head among all {hq} query heads "
-                        "(multi-query attention): its heads axis has size 1, which the labels cannot tell "
-                        "from a broadcast; not supported")
+        what = "has a single head" if hq == 1 else \
+            f"shares one key/value head among all {hq} query heads (multi-query attention)"
+        raise PassError(f"add_heads: {attention!r} {what}: its heads axis has size 1, which the labels cannot "
+                        "tell from a broadcast; not supported")
     if n % rep:
         raise PassError(f"add_heads: {attention!r} has {hq} query heads sharing {hk} key/value heads "
                         f"({rep} per group); add a multiple of {rep} heads (whole groups)")
