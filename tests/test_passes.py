@@ -524,3 +524,37 @@ def test_widening_or_pruning_units_under_a_reduction_is_reported():
         assert not p.preserves_function
         red = [i for i in p.issues if i.kind == "reduction"]
         assert red and red[0].where.startswith("mean at %mean"), p.issues
+
+
+def test_the_result_runs_on_any_batch_size():
+    """torch.export bakes the example batch size into the graph; the rewritten module has it
+    follow its inputs (read off a second capture of the old model with one more row)."""
+    from fxsurgery import zoo
+    torch.manual_seed(11)
+    m, inputs, feats = zoo.five_small("cpu")
+    m.eval()
+    gm = fs.passes.widen(fs.trace(m, inputs, feats), "core", by=4)
+    assert gm.meta["fxsurgery"]["batch"].startswith("free")
+    x_new = [torch.randn(5, *x.shape[1:]) if x.is_floating_point() else x[:1].expand(5, *x.shape[1:]).clone()
+             for x in gm.meta["fxsurgery"]["inputs"].values()]
+    for a, b in zip(gm(*x_new), m(*x_new)):          # widening keeps the inputs' shapes
+        assert a.shape[0] == 5
+        torch.testing.assert_close(a, b, rtol=TOL, atol=TOL)
+
+
+class BatchBranch(nn.Module):
+    """A forward that branches on the batch size: another batch size, another graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, obs):
+        return self.fc(obs) * (2.0 if obs.shape[0] == 2 else 1.0)
+
+
+def test_a_graph_that_changes_with_the_batch_size_keeps_it_fixed_and_says_so():
+    m = BatchBranch().eval()
+    gm = fs.passes.widen(fs.trace(m, {"obs": torch.randn(2, 4)}, {"obs": fs.Features(OBS)}), "fc", by=1)
+    assert gm.meta["fxsurgery"]["batch"].startswith("fixed at 2"), gm.meta["fxsurgery"]["batch"]
+    check(gm)    # (a new output position: the old ones are compared)

@@ -157,3 +157,12 @@ def test_more_passes_on_the_real_architectures(case):
         assert p.preserves_function, [str(i) for i in p.issues]
         assert fs.verify(p).max <= TOL
     train(gm, steps=2)
+
+
+def test_rewritten_llama_runs_on_another_batch_size():
+    """The rewritten module's batch size follows its inputs (export had fixed it at 2)."""
+    old = R.llama(attn="sdpa")
+    gm, p = rewritten(old, lambda t: fs.passes.add_heads(t, "model.layers.0.self_attn", 2))
+    assert gm.meta["fxsurgery"]["batch"].startswith("free")
+    x = {"input_ids": R.tokens(len(R.VOCAB), batch=3, seed=5), "attention_mask": torch.ones(3, 8, dtype=torch.long)}
+    torch.testing.assert_close(_logits(gm(**x)), _logits(old.model(**x)), rtol=TOL, atol=TOL)

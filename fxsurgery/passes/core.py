@@ -23,6 +23,7 @@ import torch
 from ..capture import Traced, trace
 from ..interaction_map import interaction_map
 from ..surgery.planning import plan as make_plan
+from .batch import free_batch
 from .graph import build_graph_module, check_shapes
 from .reach import reach
 from .sizing import SizingError
@@ -95,6 +96,7 @@ def rewrite(traced: Traced, change: Change) -> torch.fx.GraphModule:
             raise PassError(f"{change.what}: input {name!r} must become {shape} after the change, but its new "
                             f"example has shape {got}")
     check_shapes(gm, traced, inputs, shapes)
+    batch = free_batch(gm, traced, inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         new = trace(gm, inputs, change.descriptions)
@@ -106,5 +108,5 @@ def rewrite(traced: Traced, change: Change) -> torch.fx.GraphModule:
     p = make_plan(traced, new, units=units or None, new_categories=change.new_categories)
     p.apply()
     gm.meta[META] = {"plan": p, "inputs": inputs, "features": dict(change.descriptions), "reach": r,
-                     "what": change.what, "traced": new}
+                     "what": change.what, "traced": new, "batch": batch}
     return gm

@@ -19,6 +19,7 @@ from ..capture import trace
 from ..interaction_map import interaction_map
 from ..surgery.planning import plan as make_plan
 from .core import META, Change, PassError, as_traced, new_inputs, rewrite
+from .batch import free_batch
 from .graph import build_graph_module, check_shapes
 from .reach import Reach
 from .sizing import Order, Sizer
@@ -117,6 +118,7 @@ def insert_identity_layer(model, after: str, name: str | None = None, *, inputs=
     gm.recompile()
     inputs_new = new_inputs(traced, {})
     check_shapes(gm, traced, inputs_new, {})
+    batch = free_batch(gm, traced, inputs_new)
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -125,7 +127,7 @@ def insert_identity_layer(model, after: str, name: str | None = None, *, inputs=
     p = make_plan(traced, new_traced, units={name: group})
     p.apply()
     gm.meta[META] = {"plan": p, "inputs": inputs_new, "features": dict(traced.descriptions), "reach": None,
-                     "what": f"insert_identity_layer({after!r})", "traced": new_traced}
+                     "what": f"insert_identity_layer({after!r})", "traced": new_traced, "batch": batch}
     return gm
 
 
