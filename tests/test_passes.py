@@ -558,3 +558,34 @@ def test_a_graph_that_changes_with_the_batch_size_keeps_it_fixed_and_says_so():
     gm = fs.passes.widen(fs.trace(m, {"obs": torch.randn(2, 4)}, {"obs": fs.Features(OBS)}), "fc", by=1)
     assert gm.meta["fxsurgery"]["batch"].startswith("fixed at 2"), gm.meta["fxsurgery"]["batch"]
     check(gm)    # (a new output position: the old ones are compared)
+
+
+def test_coupled_units_along_a_flattened_tokens_by_channels_axis_widen_together():
+    """Two index inputs embedded, concatenated along the tokens and flattened: each input's rows
+    carry its own embedding's units, and only read together (as one component) do they show
+    the [tokens x channels] structure of the flattened axis. Once refused; now widened and
+    pruned with the function preserved on the old positions."""
+    from fxsurgery.testing import ArchSpec, InputSpec, build
+    spec = ArchSpec(inputs=(InputSpec("c0", kind="categories", length=3), InputSpec("c1", kind="categories", n=7)),
+                    width=3, outputs=("stream", "flat"))
+    m, inputs, feats = build(spec, seed=0)
+    tr = fs.trace(m, inputs, feats)
+    gm = fs.passes.widen(tr, "encoders.0.embedding", by=2)
+    check(gm)
+    assert gm.state_dict()["encoders.1.embedding.weight"].shape[1] == 5      # dragged along
+    p = plan_of(fs.passes.prune_units(tr, "encoders.0.embedding", [0, 2]))
+    assert [i.kind for i in p.issues] == ["output", "output"] and "loses" in p.issues[0].message
+    assert fs.verify(p).max <= TOL                                          # the kept positions
+
+
+def test_a_raw_input_through_a_layer_across_tokens_is_reordered_by_name():
+    """x0 runs straight into the stream and through a layer across tokens to the output: the
+    output channels keep no keys of their own, but each depends on its feature, which is how
+    the plan matches them after a reordering."""
+    from fxsurgery.testing import ArchSpec, InputSpec, LayerSpec, build
+    spec = ArchSpec(inputs=(InputSpec("x0", n=3, raw=True),), width=3, layers=(LayerSpec("mix_tokens"),),
+                    outputs=("stream",))
+    m, inputs, feats = build(spec, seed=0)
+    names = list(feats["x0"].names)
+    gm = fs.passes.reorder_features(fs.trace(m, inputs, feats), "x0", [names[1], names[0], names[2]])
+    check(gm)

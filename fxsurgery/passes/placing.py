@@ -252,9 +252,10 @@ def _unravel(i: int, sizes) -> list:
 
 
 def coupled_order(lay_k: Layout, lay_j: Layout, order: Order, new_parts: list, cls_j: ClassKey,
-                  counter) -> Order | None:
+                  counter) -> tuple[Order, dict] | None:
     """When class j indexes the same positions one by one as the changed class k (and holds all
-    its members there), the order j must follow; None otherwise."""
+    its members there), the order j must follow, and which member of k each of j's stands
+    for; None otherwise."""
     if (lay_j.axes != lay_k.axes or lay_j.abc != lay_k.abc or not lay_j.covers or not lay_j.singletons
             or not lay_k.singletons or len(lay_j.parts) != len(lay_k.parts)):
         return None
@@ -267,4 +268,4 @@ def coupled_order(lay_k: Layout, lay_j: Layout, order: Order, new_parts: list, c
             continue
         (m,) = tuple(p)
         members.append(j_of_k[m] if m >= 0 else next(counter))
-    return Order(cls_j, members)
+    return Order(cls_j, members), {j: k for k, j in j_of_k.items()}

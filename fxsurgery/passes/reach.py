@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .placing import coupled_order, new_sizes, resize_parts
-from .sizing import Sizer, SizingError, _cls
+from .sizing import Component, Sizer, SizingError, _cls
 
 __all__ = ["Reach", "reach"]
 
@@ -73,11 +73,51 @@ def _layouts(sizer, sources, cls, shape, order=None, where="") -> list:
     return out
 
 
+def _components(sizer, orders, links) -> dict:
+    """Each changed class's component: the classes that follow the same root change, with the
+    root member each of their members stands for."""
+    def root_map(c):
+        if c not in links:
+            return c, None
+        k, k_of_j = links[c]
+        r, up = root_map(k)
+        return r, ({j: (up[m] if up is not None else m) for j, m in k_of_j.items()})
+    groups: dict = {}
+    canon: dict = {}
+    for c in orders:
+        r, m = root_map(c)
+        groups.setdefault(r, set()).add(c)
+        canon[c] = m if m is not None else {i: i for i in range(sizer.class_size.get(c, 0))}
+    out = {}
+    for r, members in groups.items():
+        comp = Component(r, frozenset(members), {c: canon[c] for c in members}, sizer.class_size.get(r, 0))
+        for c in members:
+            out[c] = comp
+    return out
+
+
+def _readings(changed: set, components: dict) -> list:
+    """How to read the changed classes present in a value: a class alone, or, where several
+    classes of one component are present, the component."""
+    out, seen = [], set()
+    for c in sorted(changed):
+        comp = components[c]
+        present = comp.classes & changed
+        if len(present) > 1:
+            if comp not in seen:
+                seen.add(comp)
+                out.append(comp)
+        else:
+            out.append(c)
+    return out
+
+
 def reach(traced, imap, orders: dict) -> Reach:
     sizer = Sizer(traced, imap)
     orders = dict(orders)
     counter = itertools.count(-1_000_000, -1)    # new members of coupled classes
     coupled = []
+    links = {}                                   # coupled class -> (the class it follows, member map)
     values = [(what, where, shape, sources, set().union(*[sizer.classes_in(t) for t in sources]))
               for what, where, shape, sources in _values(traced, sizer)]
     # Closure: classes that index a changed axis position by position follow its change.
@@ -90,9 +130,10 @@ def reach(traced, imap, orders: dict) -> Reach:
                     new_parts = resize_parts(lay_k, orders[k], where)
                     for j in present - set(orders):
                         for lay_j in _layouts(sizer, sources, j, shape):
-                            o = coupled_order(lay_k, lay_j, orders[k], new_parts, j, counter)
-                            if o is None:
+                            found = coupled_order(lay_k, lay_j, orders[k], new_parts, j, counter)
+                            if found is None:
                                 continue
+                            o, k_of_j = found
                             if j[0] != "unit":
                                 raise SizingError(f"{where}: {_cls(k)} share their positions with {_cls(j)}, "
                                                   "which cannot change size; the change reaches a fixed-size input")
@@ -106,16 +147,19 @@ def reach(traced, imap, orders: dict) -> Reach:
                                                   "(the input runs straight into a hidden axis); changing them "
                                                   "would move those units too, which is not supported")
                             orders[j] = o
+                            links[j] = (k, k_of_j)
                             coupled.append((j, k, where))
                             changed = True
                             break
+    components = _components(sizer, orders, links)
     node_shapes, param_shapes, input_shapes = {}, {}, {}
     for what, where, shape, sources, present in values:
         new = list(shape)
         by = {}
-        for k in present & set(orders):
-            for lay in _layouts(sizer, sources, k, shape, orders[k], where):
-                sizes = new_sizes(lay, resize_parts(lay, orders[k], where), where)
+        for k in _readings(present & set(orders), components):
+            order = orders[k.root] if isinstance(k, Component) else orders[k]
+            for lay in _layouts(sizer, sources, k, shape, order, where):
+                sizes = new_sizes(lay, resize_parts(lay, order, where), where)
                 for d, s in zip(lay.axes, sizes):
                     if d in by and new[d] != s:
                         raise SizingError(f"{where}: axis {d} would be {new[d]} long for {_cls(by[d])} and {s} "

@@ -27,7 +27,7 @@ import torch
 
 from ..labels import EMPTY
 
-__all__ = ["Order", "SizingError", "ClassKey", "Layout", "Sizer"]
+__all__ = ["Order", "SizingError", "ClassKey", "Component", "Layout", "Sizer"]
 
 ClassKey = tuple  # (label kind, group): ("unit", "fc1"), ("feature", "obs"), ("category", "tok")
 
@@ -51,6 +51,21 @@ class Order:
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True, eq=False)
+class Component:
+    """Classes that change together (a residual stream's units, coupled by `reach`), read as
+    one: each member stands for the member of the root class it shares positions with. Where
+    several of them share one axis (a flattened tokens x channels axis, each input's rows
+    carrying its own), only together do they show the axis' structure."""
+    root: ClassKey
+    classes: frozenset
+    canon: dict          # class -> {member: root member}
+    size: int
+
+    def __hash__(self):
+        return hash((self.root, self.classes))
 
 
 @dataclass
@@ -83,20 +98,32 @@ class Sizer:
         self._members: dict[int, frozenset] = {}
 
     # label sets restricted to one class -----------------------------------------------
-    def _restricted_id(self, set_id: int, cls: ClassKey) -> int:
+    def _restricted_id(self, set_id: int, cls) -> int:
         key = (set_id, cls)
         r = self._restrict.get(key)
         if r is None:
             labels = self.pool.labels
-            keep = [i for i in self.pool.sets[set_id] if (labels[i].kind, labels[i].group) == cls]
+            classes = cls.classes if isinstance(cls, Component) else (cls,)
+            keep = [i for i in self.pool.sets[set_id] if (labels[i].kind, labels[i].group) in classes]
             r = self._restrict[key] = self.pool.intern(keep) if keep else EMPTY
         return r
 
-    def _member_set(self, set_id: int) -> frozenset:
-        m = self._members.get(set_id)
+    def _member_set(self, set_id: int, cls=None) -> frozenset:
+        """The members of a restricted set: label indices, or, for a component, the members of
+        its root class they stand for."""
+        key = (set_id, cls) if isinstance(cls, Component) else set_id
+        m = self._members.get(key)
         if m is None:
-            m = self._members[set_id] = frozenset(self.pool.labels[i].index for i in self.pool.sets[set_id])
+            labels = [self.pool.labels[i] for i in self.pool.sets[set_id]]
+            if isinstance(cls, Component):
+                m = frozenset(cls.canon[(lab.kind, lab.group)][lab.index] for lab in labels)
+            else:
+                m = frozenset(lab.index for lab in labels)
+            self._members[key] = m
         return m
+
+    def size_of(self, cls) -> int:
+        return cls.size if isinstance(cls, Component) else self.class_size.get(cls, 0)
 
     def restrict(self, ids: torch.Tensor, cls: ClassKey) -> torch.Tensor:
         uniq, inv = torch.unique(ids, return_inverse=True)
@@ -149,11 +176,11 @@ class Sizer:
         channels] axis whose rows of other inputs carry other classes)."""
         if restricted is None or restricted.numel() == 0:
             return None
-        t = restricted
+        t, part_of = self._part_ids(restricted, cls)
         axes = tuple(d for d in range(t.dim()) if t.shape[d] > 1 and
                      bool((t != t.narrow(d, 0, 1)).any()))
         if not axes:
-            return self._single_member(t, cls, shape)
+            return self._single_member(t, part_of, cls, shape)
         line = _one_axis(t, axes) if len(axes) > 1 else None
         if line is not None:
             # The members depend on one axis; the others only say where the class is present
@@ -167,14 +194,30 @@ class Sizer:
         a, b, c = _repetition(flat, loose)
         reduced = flat.reshape(a, b, c).max(1).values.reshape(-1).tolist() if loose else \
             flat.reshape(a, b, c)[:, 0, :].reshape(-1).tolist()
-        parts = [self._member_set(s) for s in reduced]
+        parts = [part_of[s] for s in reduced]
         present = frozenset().union(*parts)
-        covers = len(present) == self.class_size.get(cls, -1)
+        covers = len(present) == self.size_of(cls)
         sizes = tuple(int(t.shape[d]) for d in axes)
         assert n == _prod(sizes)
-        return Layout(axes, sizes, (a, b, c), parts, covers, self.class_size.get(cls, 0))
+        return Layout(axes, sizes, (a, b, c), parts, covers, self.size_of(cls))
 
-    def _single_member(self, t: torch.Tensor, cls: ClassKey, shape) -> Layout | None:
+    def _part_ids(self, restricted: torch.Tensor, cls) -> tuple[torch.Tensor, list]:
+        """The restricted ids renumbered by the members they hold (0: none), and the members of
+        each number. Two sets with the same members are one part: for a component, a root
+        unit and the coupled unit standing for it (an embedding's channel c and another
+        input's channel c, concatenated along the tokens) are the same position."""
+        uniq, inv = torch.unique(restricted, return_inverse=True)
+        numbers: dict = {frozenset(): 0}
+        table = []
+        for sid in uniq.tolist():
+            members = self._member_set(int(sid), cls) if sid != EMPTY else frozenset()
+            table.append(numbers.setdefault(members, len(numbers)))
+        part_of = [None] * len(numbers)
+        for members, k in numbers.items():
+            part_of[k] = members
+        return torch.tensor(table, dtype=torch.int64)[inv], part_of
+
+    def _single_member(self, t: torch.Tensor, part_of: list, cls, shape) -> Layout | None:
         """A value that carries the same single member everywhere holds one position of the
         class along an axis of size 1 (a single feature, the one channel a split leaves),
         which nothing tells from a broadcast axis: the last axis of size 1 is taken, the usual
@@ -182,14 +225,13 @@ class Sizer:
         silent)."""
         if shape is None or t.dim() == 0:
             return None
-        part = self._member_set(int(t.reshape(-1)[0]))
+        part = part_of[int(t.reshape(-1)[0])]
         if len(part) != 1:
             return None
         ones = [d for d in range(t.dim()) if shape[d] == 1]
         if not ones:
             return None
-        return Layout((ones[-1],), (1,), (1, 1, 1), [part], self.class_size.get(cls) == 1,
-                      self.class_size.get(cls, 0))
+        return Layout((ones[-1],), (1,), (1, 1, 1), [part], self.size_of(cls) == 1, self.size_of(cls))
 
 def _one_axis(t: torch.Tensor, axes) -> tuple | None:
     """((d,), the part id at each index along d) when, along every axis but d, the class is
@@ -233,7 +275,9 @@ def _repetition(flat: torch.Tensor, loose: bool = False) -> tuple[int, int, int]
     return n, 1, 1
 
 
-def _cls(cls: ClassKey) -> str:
+def _cls(cls) -> str:
+    if isinstance(cls, Component):
+        return " and ".join(_cls(c) for c in sorted(cls.classes))
     kind, group = cls
     return {"unit": f"the units of {group}", "feature": f"the features of input {group!r}",
             "category": f"the categories of input {group!r}"}.get(kind, f"{kind} {group}")

@@ -124,7 +124,8 @@ def graph_points(traced) -> list[tuple]:
 
 
 def output_keys(traced) -> list:
-    """(shape, label ids) of each user output, in order (None for a non-tensor output)."""
+    """(shape, keys ids, deps ids) of each user output, in order (None for a non-tensor
+    output)."""
     out_node = next(n for n in traced.graph.nodes if n.op == "output")
     args = out_node.args[0]
     args = list(args) if isinstance(args, (tuple, list)) else [args]
@@ -135,8 +136,23 @@ def output_keys(traced) -> list:
         if not isinstance(spec.arg, TensorArgument):
             continue
         lt = _keys(arg)
-        result.append(None if lt is None else (tuple(lt.shape), lt.ids))
+        deps = (arg.meta.get(META_KEY) or {}).get("deps") if isinstance(arg, torch.fx.Node) else None
+        deps = deps.ids if hasattr(deps, "ids") and deps.ids.dim() == lt.ids.dim() else None \
+            if lt is not None else None
+        result.append(None if lt is None else (tuple(lt.shape), lt.ids, deps))
     return result
+
+
+def _common(space: LabelSpace, side: str, ids: torch.Tensor | None) -> torch.Tensor | None:
+    """The label sets restricted to the labels both models have (features, categories, inputs
+    by name): what an output position depends on, minus what was added or removed."""
+    if ids is None:
+        return None
+    pool, tokens = space.pools[side], space.label_tokens[side]
+    gone = space.new_only | space.removed
+    uniq, inv = unique(ids)
+    table = [pool.intern(i for i in pool.sets[int(sid)] if tokens[i] not in gone) for sid in uniq.tolist()]
+    return torch.tensor(table, dtype=torch.int64).index_select(0, inv.reshape(-1)).reshape(ids.shape)
 
 
 def _flags(space: LabelSpace, ids: torch.Tensor, side: str) -> tuple[torch.Tensor, set]:
@@ -209,14 +225,24 @@ def match_outputs(space: LabelSpace, old_outputs, new_outputs) -> tuple[list, li
             if new is not None:
                 issues.append(Issue("new output", f"output {i}", "is new: the old model has no such output"))
             continue
-        (ns, nids), (os_, oids) = new, old
-        m = match(space, ns, _terms(ns, nids), None, os_, _terms(os_, oids), None)
+        (ns, nids, ndeps), (os_, oids, odeps) = new, old
+        # An output position is known by its keys and, beside them, by the labels of both models
+        # it depends on: a raw input's features that run through a layer across tokens keep
+        # no keys of their own, but each channel still depends on its feature.
+        nd, od = _common(space, "new", ndeps), _common(space, "old", odeps)
+        m = match(space, ns, _terms(ns, nids), None if nd is None else _terms(ns, nd),
+                  os_, _terms(os_, oids), None if od is None else _terms(os_, od))
         matches.append((i, m))
         if m.unexplained or not m.copy:
             if ns != os_:
                 issues.append(Issue("output", f"output {i}", f"changes shape {os_} -> {ns} in a way its labels "
                                     "do not explain; it is not compared"))
             continue
+        lost = _numel(os_) - m.n_copied()
+        if lost:
+            labels = describe(m.removed_labels, space) or "unlabelled positions"
+            issues.append(Issue("output", f"output {i}", f"loses {lost} elements ({labels}) that the new model no "
+                                "longer computes; the remaining positions are compared"))
         gained = _numel(ns) - m.n_copied()
         if gained:
             labels = describe(m.new_met, space) or "unlabelled positions"
