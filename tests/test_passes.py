@@ -589,3 +589,17 @@ def test_a_raw_input_through_a_layer_across_tokens_is_reordered_by_name():
     names = list(feats["x0"].names)
     gm = fs.passes.reorder_features(fs.trace(m, inputs, feats), "x0", [names[1], names[0], names[2]])
     check(gm)
+
+
+def test_a_raw_input_padded_into_a_stream_other_units_share_is_refused():
+    """x0 (3 features) is zero-padded into a 4-channel stream whose other row holds c0's
+    embedding units: its features and those units share channel positions across rows, and
+    reordering x0 alone would pair them differently in a layer across tokens. Refused (found
+    by the property after the coupled case above was fixed)."""
+    from fxsurgery.testing import ArchSpec, InputSpec, LayerSpec, build
+    spec = ArchSpec(inputs=(InputSpec("x0", n=3, raw=True), InputSpec("c0", kind="categories", n=2)), width=4,
+                    layers=(LayerSpec("mix_tokens"),), outputs=("stream",))
+    m, inputs, feats = build(spec, seed=0)
+    names = list(feats["x0"].names)
+    with pytest.raises(SizingError, match=r"features of input 'x0' share their positions with the units"):
+        fs.passes.reorder_features(fs.trace(m, inputs, feats), "x0", names[::-1])

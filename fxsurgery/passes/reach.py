@@ -112,6 +112,22 @@ def _readings(changed: set, components: dict) -> list:
     return out
 
 
+def _share_positions(lay_k, lay_j) -> bool:
+    """Some position along the same axes holds members of both classes (in one row or in
+    different rows of a concatenation)."""
+    return lay_k.axes == lay_j.axes and lay_k.abc == lay_j.abc and \
+        any(pk and pj for pk, pj in zip(lay_k.parts, lay_j.parts))
+
+
+def _refuse_raw(where, k, j):
+    # An input fed straight into a hidden axis (zero-padded into a stream): its features and
+    # other units share positions, and what follows (a layer across tokens) cannot tell them
+    # apart. (Categories are another matter: the rows of an output projection tied to the
+    # embedding follow them, as they should.)
+    raise SizingError(f"{where}: {_cls(k)} share their positions with {_cls(j)} (the input runs straight "
+                      "into a hidden axis); changing them would move those units too, which is not supported")
+
+
 def reach(traced, imap, orders: dict) -> Reach:
     sizer = Sizer(traced, imap)
     orders = dict(orders)
@@ -130,6 +146,8 @@ def reach(traced, imap, orders: dict) -> Reach:
                     new_parts = resize_parts(lay_k, orders[k], where)
                     for j in present - set(orders):
                         for lay_j in _layouts(sizer, sources, j, shape):
+                            if k[0] == "feature" and j[0] == "unit" and _share_positions(lay_k, lay_j):
+                                _refuse_raw(where, k, j)
                             found = coupled_order(lay_k, lay_j, orders[k], new_parts, j, counter)
                             if found is None:
                                 continue
@@ -137,15 +155,6 @@ def reach(traced, imap, orders: dict) -> Reach:
                             if j[0] != "unit":
                                 raise SizingError(f"{where}: {_cls(k)} share their positions with {_cls(j)}, "
                                                   "which cannot change size; the change reaches a fixed-size input")
-                            if k[0] == "feature":
-                                # An input fed straight into a hidden axis (zero-padded into a
-                                # stream): its features and other units share positions, and
-                                # what follows (a layer across tokens) cannot tell them apart.
-                                # (Categories are another matter: the rows of an output
-                                # projection tied to the embedding follow them, as they should.)
-                                raise SizingError(f"{where}: {_cls(k)} share their positions with {_cls(j)} "
-                                                  "(the input runs straight into a hidden axis); changing them "
-                                                  "would move those units too, which is not supported")
                             orders[j] = o
                             links[j] = (k, k_of_j)
                             coupled.append((j, k, where))
