@@ -166,3 +166,19 @@ def test_rewritten_llama_runs_on_another_batch_size():
     assert gm.meta["fxsurgery"]["batch"].startswith("free")
     x = {"input_ids": R.tokens(len(R.VOCAB), batch=3, seed=5), "attention_mask": torch.ones(3, 8, dtype=torch.long)}
     torch.testing.assert_close(_logits(gm(**x)), _logits(old.model(**x)), rtol=TOL, atol=TOL)
+
+
+def test_bert_prune_intermediate_units_keeps_exactly_the_survivors():
+    """Pruning a feed-forward layer by a units map: the surviving units' weights are carried
+    bit for bit, in the asked order; the plan says the pruned units had weight."""
+    old = R.bert()
+    keep = list(range(0, 64, 2))[::-1]
+    gm = fs.passes.prune_units(fs.trace(old.model, old.inputs, old.features),
+                               "bert.encoder.layer.1.intermediate.dense", keep)
+    p = gm.meta["fxsurgery"]["plan"]
+    assert {i.kind for i in p.issues} == {"pruned units"}
+    sd, layer = gm.state_dict(), old.model.bert.encoder.layer[1]
+    assert torch.equal(sd["bert.encoder.layer.1.intermediate.dense.weight"], layer.intermediate.dense.weight[keep])
+    assert torch.equal(sd["bert.encoder.layer.1.intermediate.dense.bias"], layer.intermediate.dense.bias[keep])
+    assert torch.equal(sd["bert.encoder.layer.1.output.dense.weight"], layer.output.dense.weight[:, keep])
+    train(gm, steps=2)
