@@ -28,7 +28,7 @@ from .graph import build_graph_module, check_shapes
 from .reach import reach
 from .sizing import SizingError
 
-__all__ = ["PassError", "as_traced", "rewrite", "META"]
+__all__ = ["PassError", "as_traced", "rewrite", "finish", "META"]
 
 META = "fxsurgery"
 
@@ -95,16 +95,25 @@ def rewrite(traced: Traced, change: Change) -> torch.fx.GraphModule:
         if got != shape:
             raise PassError(f"{change.what}: input {name!r} must become {shape} after the change, but its new "
                             f"example has shape {got}")
-    check_shapes(gm, traced, inputs, shapes)
-    batch = free_batch(gm, traced, inputs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        new = trace(gm, inputs, change.descriptions)
     # Units kept in another order or pruned, in the asked axis and every axis it drags along.
     units = dict(change.units or {})
     for (kind, group), o in r.orders.items():
         if kind == "unit" and o.n_new == 0 and o.members != list(range(len(o.members))):
             units.setdefault(group, list(o.members))
+    return finish(gm, traced, change, shapes, units, r)
+
+
+def finish(gm: torch.fx.GraphModule, traced: Traced, change: Change, shapes: dict, units: dict,
+           r=None) -> torch.fx.GraphModule:
+    """What every pass does once its new module is built: check it on fake tensors, free its
+    batch size, trace it, plan it against the old model with `units`, carry the weights over,
+    and remember all of it in `gm.meta`."""
+    inputs = change.inputs
+    check_shapes(gm, traced, inputs, shapes)
+    batch = free_batch(gm, traced, inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        new = trace(gm, inputs, change.descriptions)
     p = make_plan(traced, new, units=units or None, new_categories=change.new_categories)
     p.apply()
     gm.meta[META] = {"plan": p, "inputs": inputs, "features": dict(change.descriptions), "reach": r,

@@ -19,6 +19,8 @@ import operator
 import torch
 import torch.fx
 
+from .nodes import packet as _packet
+from .nodes import where as _where
 from .reach import Reach
 from .sizing import SizingError
 
@@ -36,17 +38,6 @@ _CREATES = {"zeros", "ones", "empty", "full", "rand", "randn", "new_zeros", "new
 _NORMALISED_SHAPE = {"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"}
 
 
-def _packet(node) -> str:
-    t = node.target
-    return t._overloadpacket.__name__ if hasattr(t, "_overloadpacket") else ""
-
-
-def _where(node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    path = list(stack.values())[-1][0] if stack else ""
-    return f"node %{node.name}" + (f" (in {path})" if path else "")
-
-
 def _old_shape(node):
     val = node.meta.get("val")
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
@@ -59,19 +50,13 @@ def _infer_created(graph, shapes: dict) -> None:
         if node.op != "call_function" or _packet(node) not in _CREATES or node.name in shapes:
             continue
         old = _old_shape(node)
-        for user in _consumers(node):
+        for user in node.users:   # (an LSTM taking its states in a list is a user too)
             for out in _outputs(user):
                 if out.name in shapes and _old_shape(out) == old:
                     shapes[node.name] = shapes[out.name]
                     break
             if node.name in shapes:
                 break
-
-
-def _consumers(node):
-    """Users, looking through the list an LSTM takes its initial states in."""
-    for u in node.users:
-        yield u
 
 
 def _outputs(node):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .placing import coupled_order, new_sizes, resize_parts
+from .nodes import where as _where
 from .sizing import Component, Sizer, SizingError, _cls
 
 __all__ = ["Reach", "reach"]
@@ -22,17 +23,12 @@ class Reach:
     coupled: list                 # (class, the class it follows, where the coupling was seen)
 
 
-def _where(node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    path = list(stack.values())[-1][0] if stack else ""
-    return f"node %{node.name}" + (f" (in {path})" if path else "")
-
-
 def _values(traced, sizer):
     """(what, where, old shape, id tensors) of every labelled value and parameter; `what` is
     ("node", name), ("param", name) or ("input", name). A parameter contributes each term of
     its keys (met and aligned) apart: a unit axis it meets and one it is aligned with are
     different axes even when they are the same class (an LSTM's recurrent weight)."""
+    user_names = dict(zip(traced.input_nodes, traced.input_names))
     for node in traced.graph.nodes:
         kind = traced.placeholders.get(node.name, ("", ""))[0]
         if node.op not in ("placeholder", "call_function") or kind in ("parameter", "buffer", "constant"):
@@ -41,7 +37,6 @@ def _values(traced, sizer):
         ids = sizer.node_ids(node)
         if not isinstance(val, torch.Tensor) or ids is None or ids.dim() != val.dim():
             continue
-        user_names = dict(zip(traced.input_nodes, traced.input_names))
         what = ("input", user_names.get(node.name, node.name)) if kind == "input" else ("node", node.name)
         yield what, _where(node), tuple(val.shape), [ids]
     for name, e in sizer.imap.entries.items():
@@ -49,28 +44,45 @@ def _values(traced, sizer):
         yield ("param", name), f"parameter {name}", tuple(e.shape), terms
 
 
-def _layouts(sizer, sources, cls, shape, order=None, where="") -> list:
-    """The layouts of a class along a value (one per id tensor). With `order`, each is one
-    the order can be placed in: when the strict reading fails (positions of the class
-    interleaved with others), the loose one (repetition across rows where the class is
-    absent, as in a flattened tokens x channels axis) is tried before giving up."""
-    out = []
-    for ids in sources:
-        restricted = sizer.restrict(ids, cls)
-        lay = sizer.layout(restricted, cls, shape=shape)
-        if lay is None:
-            continue
-        if order is not None:
+class _Reader:
+    """The layouts of the classes along the values, each read once: the closure goes over every
+    value until nothing changes, and the sizing once more."""
+
+    def __init__(self, sizer):
+        self.sizer = sizer
+        self.restricted: dict = {}
+        self.read: dict = {}
+
+    def layout(self, ids: torch.Tensor, cls, shape, loose: bool = False):
+        key = (id(ids), cls)
+        if key not in self.restricted:
+            self.restricted[key] = self.sizer.restrict(ids, cls)
+        if key + (loose,) not in self.read:
+            self.read[key + (loose,)] = self.sizer.layout(self.restricted[key], cls, loose=loose, shape=shape)
+        return self.read[key + (loose,)]
+
+    def layouts(self, sources, cls, shape) -> list:
+        """The layouts of a class along a value (one per id tensor that carries it)."""
+        return [lay for ids in sources if (lay := self.layout(ids, cls, shape)) is not None]
+
+    def placed(self, sources, cls, shape, order, where) -> list:
+        """(layout, its parts in the new order) per id tensor carrying the class. When the
+        strict reading cannot place the order (positions of the class interleaved with
+        others), the loose one (repetition across rows where the class is absent, as in a
+        flattened tokens x channels axis) is tried before giving up."""
+        out = []
+        for ids in sources:
+            lay = self.layout(ids, cls, shape)
+            if lay is None:
+                continue
             try:
-                resize_parts(lay, order, where)
+                out.append((lay, resize_parts(lay, order, where)))
             except SizingError:
-                loose = sizer.layout(restricted, cls, loose=True, shape=shape)
+                loose = self.layout(ids, cls, shape, loose=True)
                 if loose is None or loose.abc == lay.abc:
                     raise
-                resize_parts(loose, order, where)
-                lay = loose
-        out.append(lay)
-    return out
+                out.append((loose, resize_parts(loose, order, where)))
+        return out
 
 
 def _components(sizer, orders, links) -> dict:
@@ -130,6 +142,7 @@ def _refuse_raw(where, k, j):
 
 def reach(traced, imap, orders: dict) -> Reach:
     sizer = Sizer(traced, imap)
+    reader = _Reader(sizer)
     orders = dict(orders)
     counter = itertools.count(-1_000_000, -1)    # new members of coupled classes
     coupled = []
@@ -142,10 +155,9 @@ def reach(traced, imap, orders: dict) -> Reach:
         changed = False
         for what, where, shape, sources, present in values:
             for k in [c for c in present if c in orders]:
-                for lay_k in _layouts(sizer, sources, k, shape, orders[k], where):
-                    new_parts = resize_parts(lay_k, orders[k], where)
+                for lay_k, new_parts in reader.placed(sources, k, shape, orders[k], where):
                     for j in present - set(orders):
-                        for lay_j in _layouts(sizer, sources, j, shape):
+                        for lay_j in reader.layouts(sources, j, shape):
                             if k[0] == "feature" and j[0] == "unit" and _share_positions(lay_k, lay_j):
                                 _refuse_raw(where, k, j)
                             found = coupled_order(lay_k, lay_j, orders[k], new_parts, j, counter)
@@ -167,8 +179,8 @@ def reach(traced, imap, orders: dict) -> Reach:
         by = {}
         for k in _readings(present & set(orders), components):
             order = orders[k.root] if isinstance(k, Component) else orders[k]
-            for lay in _layouts(sizer, sources, k, shape, order, where):
-                sizes = new_sizes(lay, resize_parts(lay, order, where), where)
+            for lay, new_parts in reader.placed(sources, k, shape, order, where):
+                sizes = new_sizes(lay, new_parts, where)
                 for d, s in zip(lay.axes, sizes):
                     if d in by and new[d] != s:
                         raise SizingError(f"{where}: axis {d} would be {new[d]} long for {_cls(by[d])} and {s} "

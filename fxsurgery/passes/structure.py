@@ -15,23 +15,16 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from ..capture import trace
 from ..interaction_map import interaction_map
-from ..surgery.planning import plan as make_plan
-from .core import META, Change, PassError, as_traced, new_inputs, rewrite
-from .batch import free_batch
-from .graph import build_graph_module, check_shapes
+from .core import Change, PassError, as_traced, finish, new_inputs, rewrite
+from .graph import build_graph_module
 from .reach import Reach
+from .nodes import module_path, packet
 from .sizing import Order, Sizer
 
 __all__ = ["insert_identity_layer", "add_heads"]
 
 aten = torch.ops.aten
-
-
-def _module_path(node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
 
 
 def _in_module(node, path: str) -> bool:
@@ -116,19 +109,8 @@ def insert_identity_layer(model, after: str, name: str | None = None, *, inputs=
     out.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
     graph.lint()
     gm.recompile()
-    inputs_new = new_inputs(traced, {})
-    check_shapes(gm, traced, inputs_new, {})
-    batch = free_batch(gm, traced, inputs_new)
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        new_traced = trace(gm, inputs_new, dict(traced.descriptions))
-    group = _unit_group_of(imap, out_old, axis, after)
-    p = make_plan(traced, new_traced, units={name: group})
-    p.apply()
-    gm.meta[META] = {"plan": p, "inputs": inputs_new, "features": dict(traced.descriptions), "reach": None,
-                     "what": f"insert_identity_layer({after!r})", "traced": new_traced, "batch": batch}
-    return gm
+    change = Change({}, dict(traced.descriptions), new_inputs(traced, {}), what=f"insert_identity_layer({after!r})")
+    return finish(gm, traced, change, {}, {name: _unit_group_of(imap, out_old, axis, after)})
 
 
 def _unit_axis(traced, imap, node, after: str) -> int:
@@ -162,11 +144,11 @@ _SDPA = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_fo
 
 
 def _attention_node(traced, attention: str):
-    nodes = [n for n in traced.graph.nodes if n.op == "call_function" and hasattr(n.target, "_overloadpacket")
-             and n.target._overloadpacket.__name__ in _SDPA and _in_module(n, attention)]
+    nodes = [n for n in traced.graph.nodes if n.op == "call_function" and packet(n) in _SDPA
+             and _in_module(n, attention)]
     if len(nodes) != 1:
-        where = sorted({_module_path(n) for n in traced.graph.nodes if n.op == "call_function"
-                        and hasattr(n.target, "_overloadpacket") and n.target._overloadpacket.__name__ in _SDPA})
+        where = sorted({module_path(n) for n in traced.graph.nodes if n.op == "call_function"
+                        and packet(n) in _SDPA})
         raise PassError(f"add_heads: {'no' if not nodes else len(nodes)} scaled_dot_product_attention in module "
                         f"{attention!r}; attentions found in {where or 'no module'} (add_heads needs the fused "
                         "attention operator; an attention written as matmul + softmax is not recognised)")
