@@ -85,8 +85,10 @@ def new_inputs(traced: Traced, shapes: Mapping[str, tuple]) -> dict:
     return out
 
 
-def rewrite(traced: Traced, change: Change) -> torch.fx.GraphModule:
-    imap = interaction_map(traced)
+def rewrite(traced: Traced, change: Change, imap=None) -> torch.fx.GraphModule:
+    """The new module for `change` (see the module docstring). `imap`: the traced model's
+    interaction map, when the pass already made it to read the request."""
+    imap = imap if imap is not None else interaction_map(traced)
     r = reach(traced, imap, change.orders)
     gm, shapes = build_graph_module(traced, r)
     inputs = change.inputs

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..interaction_map import interaction_map
 from ..labels import Categories, Features
+from ..surgery.space import _unit_groups
 from .core import Change, PassError, as_traced, new_inputs, rewrite
 from .sizing import Order
 
@@ -128,19 +130,15 @@ def add_categories(model, input: str, names, *, new_categories: str = "zero", in
     return rewrite(traced, change)
 
 
-def unit_groups(traced) -> dict[str, int]:
-    """The hidden axes of a traced model and their sizes (the unit groups a widen can name)."""
-    from ..interaction_map import interaction_map
-    imap = interaction_map(traced)
-    sizes: dict[str, int] = {}
-    for lab in imap.pool.labels:
-        if lab.kind == "unit" and not lab.group.endswith(".gate"):
-            sizes[lab.group] = max(sizes.get(lab.group, 0), lab.index + 1)
-    return sizes
+def unit_groups(traced, imap=None) -> dict[str, int]:
+    """The hidden axes of a traced model and their sizes (the unit groups a widen can name;
+    an LSTM's gate labels are not axes of their own). `imap`: its map, if already made."""
+    imap = imap if imap is not None else interaction_map(traced)
+    return {g: n for g, n in _unit_groups(imap.pool).items() if not g.endswith(".gate")}
 
 
-def _groups(traced, name: str, what: str) -> dict[str, int]:
-    groups = unit_groups(traced)
+def _groups(traced, imap, name: str, what: str) -> dict[str, int]:
+    groups = unit_groups(traced, imap)
     if name in groups:
         return {name: groups[name]}
     # A module name stands for the axes under it: its layers ("core" -> "core.l0") and the
@@ -162,8 +160,9 @@ def widen(model, group: str, size: int | None = None, *, by: int | None = None, 
     what = f"widen({group!r})"
     if (size is None) == (by is None):
         raise PassError(f"{what}: give exactly one of size= and by=")
+    imap = interaction_map(traced)
     orders = {}
-    for g, n in _groups(traced, group, what).items():
+    for g, n in _groups(traced, imap, group, what).items():
         k = (size - n) if size is not None else by
         if k < 0:
             raise PassError(f"{what}: {g} has {n} units; use prune_units to make it smaller")
@@ -171,7 +170,7 @@ def widen(model, group: str, size: int | None = None, *, by: int | None = None, 
             orders[("unit", g)] = Order(("unit", g), list(range(n)) + [-1 - i for i in range(k)])
     if not orders:
         raise PassError(f"{what}: already {size} units wide; nothing to do")
-    return rewrite(traced, Change(orders, dict(traced.descriptions), new_inputs(traced, {}), what=what))
+    return rewrite(traced, Change(orders, dict(traced.descriptions), new_inputs(traced, {}), what=what), imap)
 
 
 def prune_units(model, group: str, keep: Sequence[int], *, inputs=None, features=None):
@@ -179,7 +178,8 @@ def prune_units(model, group: str, keep: Sequence[int], *, inputs=None, features
     surviving units' weights are kept exactly, the others dropped."""
     traced = as_traced(model, inputs, features)
     what = f"prune_units({group!r})"
-    groups = _groups(traced, group, what)
+    imap = interaction_map(traced)
+    groups = _groups(traced, imap, group, what)
     if len(groups) != 1:
         raise PassError(f"{what}: names several hidden axes {sorted(groups)}; name one")
     (g, n), = groups.items()
@@ -189,4 +189,4 @@ def prune_units(model, group: str, keep: Sequence[int], *, inputs=None, features
         raise PassError(f"{what}: keep must list distinct positions in 0..{n - 1} (some); got {keep}")
     order = Order(("unit", g), keep)
     return rewrite(traced, Change({order.cls: order}, dict(traced.descriptions), new_inputs(traced, {}),
-                                  units={g: keep}, what=what))
+                                  units={g: keep}, what=what), imap)

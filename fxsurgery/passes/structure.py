@@ -227,4 +227,4 @@ def add_heads(model, attention: str, n: int, *, inputs=None, features=None):
                 fresh -= 1
         orders[cls] = Order(cls, members)
     return rewrite(traced, Change(orders, dict(traced.descriptions), new_inputs(traced, {}),
-                                  what=f"add_heads({attention!r}, {n})"))
+                                  what=f"add_heads({attention!r}, {n})"), imap)
