@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["one_thread", "unique", "argsort", "searchsorted", "isin"]
+__all__ = ["one_thread", "unique", "unique_values", "map_distinct", "argsort", "searchsorted", "isin"]
 
 
 @contextmanager
@@ -36,6 +36,14 @@ def unique(t: torch.Tensor, dim=None) -> tuple[torch.Tensor, torch.Tensor]:
 def unique_values(t: torch.Tensor) -> torch.Tensor:
     with one_thread():
         return torch.unique(t)
+
+
+def map_distinct(t: torch.Tensor, fn, dtype=torch.int64) -> torch.Tensor:
+    """`fn` of every element of an integer tensor (label-set ids), calling it once per distinct
+    value: the way per-set facts become per-element tensors."""
+    uniq, inv = unique(t)
+    table = torch.tensor([fn(v) for v in uniq.tolist()], dtype=dtype)
+    return table[inv.reshape(t.shape)]
 
 
 def argsort(t: torch.Tensor, stable: bool = False) -> torch.Tensor:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._sort import map_distinct, unique_values
 from ..labels import EMPTY
 
 __all__ = ["Order", "SizingError", "ClassKey", "Component", "Layout", "Sizer"]
@@ -126,14 +127,12 @@ class Sizer:
         return cls.size if isinstance(cls, Component) else self.class_size.get(cls, 0)
 
     def restrict(self, ids: torch.Tensor, cls: ClassKey) -> torch.Tensor:
-        uniq, inv = torch.unique(ids, return_inverse=True)
-        table = torch.tensor([self._restricted_id(int(s), cls) for s in uniq.tolist()], dtype=torch.int64)
-        return table[inv]
+        return map_distinct(ids, lambda sid: self._restricted_id(sid, cls))
 
     def classes_in(self, ids: torch.Tensor) -> set:
         labels = self.pool.labels
         out = set()
-        for s in torch.unique(ids).tolist():
+        for s in unique_values(ids).tolist():
             for i in self.pool.sets[int(s)]:
                 if labels[i].kind in ("unit", "feature", "category"):
                     out.add((labels[i].kind, labels[i].group))
@@ -206,16 +205,13 @@ class Sizer:
         each number. Two sets with the same members are one part: for a component, a root
         unit and the coupled unit standing for it (an embedding's channel c and another
         input's channel c, concatenated along the tokens) are the same position."""
-        uniq, inv = torch.unique(restricted, return_inverse=True)
         numbers: dict = {frozenset(): 0}
-        table = []
-        for sid in uniq.tolist():
-            members = self._member_set(int(sid), cls) if sid != EMPTY else frozenset()
-            table.append(numbers.setdefault(members, len(numbers)))
+        numbered = map_distinct(restricted, lambda sid: numbers.setdefault(
+            self._member_set(sid, cls) if sid != EMPTY else frozenset(), len(numbers)))
         part_of = [None] * len(numbers)
         for members, k in numbers.items():
             part_of[k] = members
-        return torch.tensor(table, dtype=torch.int64)[inv], part_of
+        return numbered, part_of
 
     def _single_member(self, t: torch.Tensor, part_of: list, cls, shape) -> Layout | None:
         """A value that carries the same single member everywhere holds one position of the

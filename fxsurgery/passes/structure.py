@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from .._sort import unique_values
 from ..interaction_map import interaction_map
 from .core import Change, PassError, as_traced, finish, new_inputs, rewrite
 from .graph import build_graph_module
@@ -130,7 +131,7 @@ def _unit_group_of(imap, node, axis, after) -> str:
     from ..propagate import META_KEY
     lt = node.meta[META_KEY]["keys"]
     pool = imap.pool
-    groups = {pool.labels[i].group for s in torch.unique(lt.ids).tolist() for i in pool.sets[int(s)]
+    groups = {pool.labels[i].group for s in unique_values(lt.ids).tolist() for i in pool.sets[int(s)]
               if pool.labels[i].kind == "unit"}
     for g in sorted(groups, key=lambda g: (g != after, not g.startswith(after))):
         return g

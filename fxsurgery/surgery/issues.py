@@ -10,7 +10,7 @@ from torch.export.graph_signature import OutputKind, TensorArgument
 
 from ..propagate import META_KEY
 from ..terms import Terms
-from .._sort import unique
+from .._sort import map_distinct
 from .match import match
 from .space import LabelSpace, describe
 
@@ -150,23 +150,20 @@ def _common(space: LabelSpace, side: str, ids: torch.Tensor | None) -> torch.Ten
         return None
     pool, tokens = space.pools[side], space.label_tokens[side]
     gone = space.new_only | space.removed
-    uniq, inv = unique(ids)
-    table = [pool.intern(i for i in pool.sets[int(sid)] if tokens[i] not in gone) for sid in uniq.tolist()]
-    return torch.tensor(table, dtype=torch.int64).index_select(0, inv.reshape(-1)).reshape(ids.shape)
+    return map_distinct(ids, lambda sid: pool.intern(i for i in pool.sets[sid] if tokens[i] not in gone))
 
 
 def _flags(space: LabelSpace, ids: torch.Tensor, side: str) -> tuple[torch.Tensor, set]:
     """Per element: does its set hold a label only the new model has (side "new"), or one the
     new model lacks (side "old")? And which such labels there are."""
     only = space.new_only if side == "new" else space.removed
-    uniq, inv = unique(ids)
     found = set()
-    flags = []
-    for sid in uniq.tolist():
+
+    def flag(sid):
         hit = space.tokens(side, sid) & only
-        found |= hit
-        flags.append(bool(hit))
-    return torch.tensor(flags, dtype=torch.bool).index_select(0, inv.reshape(-1)).reshape(ids.shape), found
+        found.update(hit)
+        return bool(hit)
+    return map_distinct(ids, flag, torch.bool), found
 
 
 def check_points(space: LabelSpace, points, side: str = "new") -> list[Issue]:
