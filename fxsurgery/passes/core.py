@@ -28,7 +28,7 @@ from .graph import build_graph_module, check_shapes
 from .reach import reach
 from .sizing import SizingError
 
-__all__ = ["PassError", "as_traced", "rewrite", "finish", "META"]
+__all__ = ["PassError", "as_traced", "fingerprint", "rewrite", "finish", "META"]
 
 META = "fxsurgery"
 
@@ -37,21 +37,36 @@ class PassError(SizingError):
     """A pass was asked for something the model does not have or the graph cannot express."""
 
 
+def fingerprint(gm: torch.nn.Module):
+    """What a trace of `gm` depends on: its code and its parameters' and buffers' shapes. A pass
+    that changes the graph in place changes the code."""
+    code = gm.code if isinstance(gm, torch.fx.GraphModule) else None
+    return code, tuple((k, tuple(v.shape)) for k, v in gm.state_dict(keep_vars=True).items())
+
+
 def as_traced(model, inputs=None, features=None) -> Traced:
     """A Traced from a Traced, a GraphModule made by a pass (its inputs and features are
-    remembered), or a module with example inputs and features."""
+    remembered, and so is its trace, reused while the module is unchanged), or a module with
+    example inputs and features."""
     if isinstance(model, Traced):
         return model
     if not isinstance(model, torch.nn.Module):
         raise PassError(f"expected a traced model (fs.trace) or a torch.nn.Module, got {type(model).__name__}")
     meta = getattr(model, "meta", None)
-    if inputs is None and isinstance(meta, dict) and META in meta:
-        inputs = meta[META]["inputs"]
-        features = meta[META]["features"] if features is None else features
+    carried = meta.get(META) if isinstance(meta, dict) else None
+    if inputs is None and isinstance(carried, dict) and "inputs" in carried:
+        made = carried.get("traced")
+        if isinstance(made, Traced) and made.model is model and features is None \
+                and carried.get("fingerprint") == fingerprint(model):
+            return made
+        inputs = carried["inputs"]
+        features = carried["features"] if features is None else features
     if inputs is None:
         raise PassError(f"{type(model).__name__}: give example inputs (and features) with the module, or "
                         "pass fs.trace(model, inputs, features)")
-    return trace(model, inputs, features)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*_flat_weights.*")
+        return trace(model, inputs, features)
 
 
 @dataclass
@@ -119,5 +134,5 @@ def finish(gm: torch.fx.GraphModule, traced: Traced, change: Change, shapes: dic
     p = make_plan(traced, new, units=units or None, new_categories=change.new_categories)
     p.apply()
     gm.meta[META] = {"plan": p, "inputs": inputs, "features": dict(change.descriptions), "reach": r,
-                     "what": change.what, "traced": new, "batch": batch}
+                     "what": change.what, "traced": new, "batch": batch, "fingerprint": fingerprint(gm)}
     return gm

@@ -51,7 +51,7 @@ from ..capture import Traced, trace
 from ..interaction_map import InteractionMap, interaction_map
 from ..label_tensor import LabelTensor
 from ..propagate import META_KEY
-from .core import META, PassError
+from .core import META, PassError, as_traced
 
 __all__ = ["InteractionMapPass", "RewritePass", "rewrite_pass", "REWRITE_PASSES", "AddFeatures",
            "RemoveFeatures", "ReorderFeatures", "AddCategories", "Widen", "PruneUnits", "InsertIdentityLayer",
@@ -62,19 +62,11 @@ LABELS = "fxsurgery_labels"          # node.meta: labels the value depends on / 
 KEY_LABELS = "fxsurgery_key_labels"  # node.meta: the same in keys mode (units included)
 INPUT = "fxsurgery_input"            # placeholder node.meta: (input name, example, description)
 MAP = "fxsurgery_map"                # gm.meta: the InteractionMap of the last analysis
-_FINGERPRINT = "fxsurgery_fingerprint"  # gm.meta: the graph and shapes a carried Traced was made from
 
 _KIND_ORDER = {"feature": 0, "category": 0, "input": 0, "unit": 1}
 
 
 # --- example inputs ----------------------------------------------------------------------------
-
-def _fingerprint(gm: torch.nn.Module):
-    """What a trace of `gm` depends on: its code and its parameters' and buffers' shapes. A pass
-    that changes the graph in place changes the code."""
-    code = gm.code if isinstance(gm, torch.fx.GraphModule) else None
-    return code, tuple((k, tuple(v.shape)) for k, v in gm.state_dict(keep_vars=True).items())
-
 
 def _recorded_inputs(gm: torch.nn.Module):
     """(inputs, features) recorded on the placeholders by an earlier pass, or None."""
@@ -100,14 +92,10 @@ def traced_source(gm: torch.nn.Module, inputs=None, features=None, what: str = "
     meta = getattr(gm, "meta", None)
     carried = meta.get(META) if isinstance(meta, dict) else None
     if isinstance(carried, dict) and "inputs" in carried:
-        old = carried.get("traced")
-        if isinstance(old, Traced) and old.model is gm and meta.get(_FINGERPRINT) == _fingerprint(gm):
-            return old
-        inputs, features = carried["inputs"], carried.get("features")
-    else:
-        recorded = _recorded_inputs(gm)
-        if recorded is not None:
-            inputs, features = recorded
+        return as_traced(gm)     # the pass's own inputs first; its trace while unchanged
+    recorded = _recorded_inputs(gm)
+    if recorded is not None:
+        inputs, features = recorded
     if inputs is None:
         raise PassError(f"{what}: {type(gm).__name__} carries no example inputs; give them to the pass, "
                         f"e.g. {what}(..., inputs={{'x': example}}, features={{'x': fs.Features([...])}}), "
@@ -363,7 +351,6 @@ class RewritePass(PassBase):
         carried = new.meta.get(META, {})
         made = carried.get("traced")
         if isinstance(made, Traced) and made.model is new:
-            new.meta[_FINGERPRINT] = _fingerprint(new)
             _record_inputs(new, made, match_nodes(new, made)[0])
         self.result = new
         return PassResult(new, True)
