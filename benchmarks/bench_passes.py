@@ -18,23 +18,14 @@ Both produce a new model holding the old weights; the pass needs no new model co
 median seconds, the ratio pass / by hand, and the process's peak resident memory.
 """
 import argparse
-import gc
-import resource
 import statistics
-import time
 import warnings
 
 import torch
+from bench_transplant import core_config, peak_rss_mb, timed   # the same change, timed the same way
 
 import fxsurgery as fs
 from fxsurgery import zoo
-
-
-def timed(fn):
-    gc.collect()
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
 
 
 def by_hand(traced_old, config):
@@ -43,12 +34,6 @@ def by_hand(traced_old, config):
     p = fs.plan(traced_old, fs.trace(new, inputs, new.features()))
     p.apply()
     return p
-
-
-def core_config():
-    cfg = zoo.five_config_large()
-    cfg.core += 8
-    return cfg
 
 
 def features_config():
@@ -90,7 +75,7 @@ def main() -> None:
         a, b = statistics.median(pass_t), statistics.median(hand_t)
         v = fs.verify(gm_plan, n=2)
         print(f"{title:36} {a:7.2f}s {b:7.2f}s {a / b:15.2f}  {str(gm_plan.preserves_function):9}  {v.max:.2g}")
-    print(f"peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print(f"peak resident memory: {peak_rss_mb():.0f} MB")
 
 
 if __name__ == "__main__":
