@@ -190,6 +190,13 @@ class SurgeryPlan:
                 raise SurgeryError(f"the old model's {p.old_name} is on the meta device: it has no weights to "
                                    "copy; load its checkpoint first (nothing was written)")
 
+    def apply_to_checkpoint(self, src, dst, **kwargs):
+        """Carries the weights from the checkpoint `src` (a safetensors file or a directory of
+        shards) into a new sharded checkpoint `dst`, tensor by tensor: both models may be on the
+        meta device. See `fxsurgery.surgery.checkpoint.apply_to_checkpoint`."""
+        from .checkpoint import apply_to_checkpoint
+        return apply_to_checkpoint(self, src, dst, **kwargs)
+
 
 def _state_shapes(model: torch.nn.Module) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
