@@ -3,6 +3,7 @@ whose mixed positions gain new labels, outputs that gain positions, removed inpu
 were not zero."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -264,24 +265,48 @@ def removed_nonzero(space: LabelSpace, name: str, m, old: torch.Tensor) -> Issue
     from .apply import _block_view
     with torch.no_grad():
         if m.removed_data_all:
-            peak = float(old.abs().max()) if old.numel() else 0.0
+            peak = _peak(old)
         else:
             view, _ = _block_view(old, m.blocks, "old_shape")
             peak = 0.0
             for d, b in enumerate(m.blocks):
                 idx = torch.nonzero(b.removed_data).reshape(-1)
                 if idx.numel():
-                    part = view.index_select(d, idx.to(view.device))
-                    if part.numel():
-                        peak = max(peak, float(part.abs().max()))
+                    peak = _worse(peak, _peak(view.index_select(d, idx.to(view.device))))
     if peak == 0.0:
         return None
     labels = m.removed_met & space.removed_data
     units = any(space.label(t).kind == "unit" for t in labels)
     what = "pruned units" if units and all(space.label(t).kind == "unit" for t in labels) else "removed input"
     return Issue(what, name, f"meets {describe(labels, space)}, which the new model lacks, with non-zero weights "
-                 f"(max |w| = {peak:.3g}): the new model computes what the old one did only where "
-                 f"{'these units are' if what == 'pruned units' else 'these inputs are'} zero")
+                 f"({_magnitude(peak)}): " + (
+                     "NaN or an infinity times zero is NaN, so the old model's results that meet them are NaN "
+                     "whatever these positions hold" if not math.isfinite(peak) else
+                     f"the new model computes what the old one did only where "
+                     f"{'these units are' if what == 'pruned units' else 'these inputs are'} zero"))
+
+
+def _peak(t: torch.Tensor) -> float:
+    """The largest |w| of a tensor: NaN if it holds a NaN (torch's max propagates it, but
+    Python's max(0.0, nan) is 0.0, which would read a NaN weight as a zero one)."""
+    if not t.numel():
+        return 0.0
+    if t.dtype.is_floating_point or t.dtype.is_complex:
+        if bool(torch.isnan(t).any()):
+            return math.nan
+    return float(t.abs().max())
+
+
+def _worse(a: float, b: float) -> float:
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
+def _magnitude(peak: float) -> str:
+    if math.isnan(peak):
+        return "some are NaN"
+    if math.isinf(peak):
+        return "some are infinite"
+    return f"max |w| = {peak:.3g}"
 
 
 def unmatched(space: LabelSpace, name: str, old_name: str, m, inserted: bool = False) -> Issue | None:

@@ -59,6 +59,19 @@ class Block:
     def copied(self) -> torch.Tensor:
         return self.index >= 0
 
+    def stays(self) -> torch.Tensor:
+        """(n_new,) bool: copied from the old position with the same index along every axis of
+        the block (an axis that grows or shrinks at its end keeps its other positions)."""
+        copied = self.copied
+        if len(self.axes) == 1:
+            return copied & (self.index == torch.arange(self.n_new))
+        new_at = torch.unravel_index(torch.arange(self.n_new), self.new_shape)
+        old_at = torch.unravel_index(self.index.clamp(min=0), self.old_shape)
+        same = copied
+        for o, n in zip(old_at, new_at):
+            same = same & (o == n)
+        return same
+
 
 @dataclass
 class Match:
@@ -90,6 +103,16 @@ class Match:
         for b in self.blocks:
             n *= int(b.copied.sum())
         return n
+
+    def n_moved(self) -> int:
+        """Copied elements whose old index differs from their new one (a reordered or shifted
+        axis): the same value, at another place."""
+        if not self.copy:
+            return 0
+        stay = 1
+        for b in self.blocks:
+            stay *= int(b.stays().sum())
+        return self.n_copied() - stay
 
     def n_zeroed(self, new_categories: str = "zero") -> int:
         total = _numel(self.new_shape)

@@ -5,10 +5,15 @@ the same thing: shared features at their old positions (found by name along the 
 axis), removed features zero, shared categories translated to their old values (new categories
 are never drawn), unlabelled inputs the same values, and an input the new model lacks zero.
 Outputs are compared on the positions the old and new output have in common (found through
-the output nodes' keys).
+the output nodes' keys): by label when the plan matched them (each old position against the
+new position holding the same labels, wherever it moved), else by position. A non-finite value
+is never a zero: NaN or an infinity on one side only is a NaN or infinite deviation; a NaN in
+both outputs at the same position, or the same infinity, is the old value reproduced and counts
+as equal (as torch.testing's equal_nan does), and is said in the notes.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -28,14 +33,22 @@ class OutputDeviation:
     old_shape: tuple | None
     new_shape: tuple
     compared: int = 0            # elements compared per trial
-    max_abs: float = 0.0         # largest |new - old|
-    scale: float = 0.0           # largest |old|
+    max_abs: float = 0.0         # largest |new - old| where both are finite
+    scale: float = 0.0           # largest finite |old|
     note: str = ""
+    mismatched: int = 0          # elements non-finite on one side only, or unequal infinities
+    nan: bool = False            # ... some of them NaN against a number: the deviation is NaN
+    both_nonfinite: int = 0      # elements with the same NaN or infinity in both (counted equal)
+    by: str = ""                 # "label" (positions matched through their labels) or "position"
+    moved: int = 0               # compared elements found at another position in the new output
+    by_position: float | None = None  # relative deviation compared by position, when positions moved
 
     @property
     def relative(self) -> float:
         if self.compared == 0:
             return float("nan")
+        if self.mismatched:
+            return float("nan") if self.nan else float("inf")
         return self.max_abs / self.scale if self.scale > 0 else self.max_abs
 
 
@@ -47,9 +60,12 @@ class Verification:
 
     @property
     def max(self) -> float:
-        """The largest relative deviation over the outputs compared."""
+        """The largest relative deviation over the outputs compared (NaN if any is NaN: a NaN
+        is never smaller than a number)."""
         vals = [o.relative for o in self.outputs if o.compared]
-        return max(vals) if vals else float("nan")
+        if not vals or any(math.isnan(v) for v in vals):
+            return float("nan")
+        return max(vals)
 
     def __float__(self) -> float:
         return self.max
@@ -65,17 +81,40 @@ class Verification:
 
     def __str__(self) -> str:
         rows = [[o.output, "x".join(map(str, o.old_shape)) if o.old_shape is not None else "-",
-                 "x".join(map(str, o.new_shape)), o.compared, f"{o.max_abs:.3g}", f"{o.scale:.3g}",
-                 f"{o.relative:.3g}", o.note] for o in self.outputs]
-        text = tabulate(rows, headers=["output", "old shape", "new shape", "compared", "max |new-old|",
-                                       "max |old|", "relative", "note"])
+                 "x".join(map(str, o.new_shape)), o.compared, o.by or "-", _deviation(o), f"{o.scale:.3g}",
+                 f"{o.relative:.3g}", _note(o)] for o in self.outputs]
+        text = tabulate(rows, headers=["output", "old shape", "new shape", "compared", "compared by",
+                                       "max |new-old|", "max |old|", "relative", "note"])
         text += f"\n\nlargest relative deviation over {self.trials} random inputs: {self.max:.3g}"
         if self.notes:
             text += "\n" + "\n".join(f"- {n}" for n in self.notes)
         return text
 
     def __repr__(self) -> str:
-        return f"Verification(max relative deviation {self.max:.3g} over {self.trials} trials, {len(self.outputs)} outputs)"
+        by = {}
+        for o in self.outputs:
+            if o.compared:
+                by.setdefault(o.by, []).append(str(o.output) + (f" ({o.moved:,} positions moved)" if o.moved else ""))
+        how = "; ".join(f"by {k}: output{'s' if len(v) > 1 else ''} {', '.join(v)}" for k, v in sorted(by.items()))
+        return (f"Verification(max relative deviation {self.max:.3g} over {self.trials} trials, "
+                f"{len(self.outputs)} outputs" + (f"; compared {how}" if how else "") + ")")
+
+
+def _deviation(o: OutputDeviation) -> str:
+    if o.mismatched:
+        return "nan" if o.nan else "inf"
+    return f"{o.max_abs:.3g}"
+
+
+def _note(o: OutputDeviation) -> str:
+    parts = [o.note] if o.note else []
+    if o.mismatched:
+        parts.append(f"{o.mismatched:,} elements NaN where the other model's are not (a NaN deviation)" if o.nan else
+                     f"{o.mismatched:,} elements infinite where the other model's are finite or the opposite "
+                     "infinity")
+    if o.by_position is not None:
+        parts.append(f"by position the relative deviation is {o.by_position:.3g}")
+    return "; ".join(parts)
 
 
 def _dim(desc: Features, ndim: int) -> int:
@@ -189,10 +228,39 @@ class _Frozen:
                 b.copy_(v)
 
 
+def _accumulate(d: OutputDeviation, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Adds one trial's comparison of old values `a` and new values `b` (same shape) to `d`.
+    Python's max drops a NaN (max(0.0, nan) is 0.0), so non-finite values are counted apart
+    from the finite deviation, and the scale is the largest finite |old|."""
+    d.compared = int(b.numel())
+    if not b.numel():
+        return
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    both = fa & fb
+    if not bool(both.all()):
+        nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+        same = (nan_a & nan_b) | (~fa & (a == b))          # NaN and NaN, or the same infinity
+        odd = ~both & ~same
+        d.both_nonfinite = max(d.both_nonfinite, int(same.sum()))
+        n_odd = int(odd.sum())
+        if n_odd:
+            d.mismatched = max(d.mismatched, n_odd)
+            d.nan = d.nan or bool((odd & (nan_a | nan_b)).any())
+        if bool(both.any()):
+            d.max_abs = max(d.max_abs, float((b - a)[both].abs().max()))
+        if bool(fa.any()):
+            d.scale = max(d.scale, float(a[fa].abs().max()))
+        return
+    d.max_abs = max(d.max_abs, float((b - a).abs().max()))
+    d.scale = max(d.scale, float(a.abs().max()))
+
+
 def verify(plan, n: int = 8, seed: int = 0) -> Verification:
     """Runs old and new model on `n` random inputs (shaped like the example inputs) and returns
     the largest relative deviation of each output: max |new - old| / max |old| over the
-    positions both outputs have."""
+    positions both outputs have (NaN or inf where one side is not finite; see the module's
+    docstring). Each output says whether it was compared by label or by position; when its
+    positions moved, `by_position` is the deviation compared index by index."""
     result = Verification(trials=n)
     for what, model in (("old", plan.old.model), ("new", plan.new.model)):
         if any(t.device.type == "meta" for t in model.state_dict().values()):
@@ -200,7 +268,7 @@ def verify(plan, n: int = 8, seed: int = 0) -> Verification:
     if not plan.applied:
         result.notes.append("the plan has not been applied: the new model holds its own weights")
     old_model, new_model = plan.old.model, plan.new.model
-    devs = {}
+    devs, positional = {}, {}
     with torch.no_grad(), _Frozen(old_model), _Frozen(new_model), torch.random.fork_rng(devices=[]):
         for trial in range(n):
             g = torch.Generator().manual_seed(seed + trial)
@@ -220,20 +288,32 @@ def verify(plan, n: int = 8, seed: int = 0) -> Verification:
                     continue
                 if m is not None and m[1].copy and not m[1].unexplained:
                     a, b = select_matched(m[1], x, y)
+                    d.by = "position" if m[1].identity else "label"
                     if not m[1].identity:
-                        d.note = "compared on the old positions"
+                        d.moved = m[1].n_moved()
+                        d.note = "compared on the old positions" + (
+                            f"; {d.moved:,} of them moved (see the plan's issues)" if d.moved else "")
+                        if d.moved and x.shape == y.shape:
+                            p = positional.get(i)
+                            if p is None:
+                                p = positional[i] = OutputDeviation(i, tuple(x.shape), tuple(y.shape))
+                            _accumulate(p, x.double(), y.double())
                 elif x.shape == y.shape:
                     a, b = x, y
+                    d.by = "position"
                     if m is not None:
                         d.note = "positions compared by index (their labels differ)"
                 else:
                     d.note = "shapes differ and no position could be matched: not compared"
                     continue
-                a, b = a.double(), b.double()
-                d.compared = int(b.numel())
-                if b.numel():
-                    d.max_abs = max(d.max_abs, float((b - a).abs().max()))
-                    d.scale = max(d.scale, float(a.abs().max()))
+                _accumulate(d, a.double(), b.double())
+    for i, p in positional.items():
+        devs[i].by_position = p.relative
+    for d in devs.values():
+        if d.both_nonfinite:
+            result.notes.append(f"output {d.output}: {d.both_nonfinite:,} elements non-finite in both models at "
+                                "the same position with the same value (NaN and NaN, or the same infinity): "
+                                "counted equal")
     result.outputs = [devs[i] for i in sorted(devs)]
     result.notes = list(dict.fromkeys(result.notes))
     return result
