@@ -26,9 +26,29 @@ from .labels import Categories, Features, Label, SetPool
 from .rules.registry import REGISTRY, RuleRegistry
 from .terms import Terms
 
-__all__ = ["LabelPropagator", "RuleError", "NotCovered", "UnknownOperatorWarning", "input_labels", "META_KEY"]
+__all__ = ["LabelPropagator", "RuleError", "NotCovered", "UnknownOperatorWarning", "input_labels", "META_KEY",
+           "fallbacks"]
 
 META_KEY = "fxsurgery"
+# node.meta[META_KEY][_FALLBACK[mode]]: [(operator, why), ...] for each use of the sound fallback
+# while running that node (in a decomposition or a wrapped region, on the node that holds it).
+_FALLBACK = {"deps": "deps fallback", "keys": "keys fallback"}
+
+
+def fallbacks(graph: torch.fx.Graph) -> list[tuple[str, str, str]]:
+    """(node name, operator, why) of every node of `graph` where the last propagation used the
+    sound fallback, in graph order: the elements after such a node depend on everything its
+    inputs depend on, so they cannot be told apart by their labels."""
+    out = []
+    for node in graph.nodes:
+        meta = node.meta.get(META_KEY) or {}
+        seen = []
+        for key in _FALLBACK.values():
+            for op, why in meta.get(key, ()):
+                if (op, why) not in seen:
+                    seen.append((op, why))
+        out += [(node.name, op, why) for op, why in seen]
+    return out
 
 
 class RuleError(RuntimeError):
@@ -123,6 +143,7 @@ class LabelPropagator(torch.fx.Interpreter):
         self.notes: list[str] = []
         self._units: dict[tuple[str, int], torch.Tensor] = {}
         self._node: torch.fx.Node | None = None
+        self.outer: torch.fx.Node | None = None   # for a sub-graph: the node of the traced graph running it
 
     # bookkeeping ---------------------------------------------------------------------
     def note(self, message: str) -> None:
@@ -162,6 +183,8 @@ class LabelPropagator(torch.fx.Interpreter):
     # interpreter ---------------------------------------------------------------------
     def run_node(self, n: torch.fx.Node) -> Any:
         self._node = n
+        if self.outer is None and META_KEY in n.meta:
+            n.meta[META_KEY].pop(_FALLBACK[self.mode], None)   # from an earlier run
         result = super().run_node(n)
         if n.op != "output":
             n.meta.setdefault(META_KEY, {})[self.mode] = result
@@ -247,6 +270,8 @@ class LabelPropagator(torch.fx.Interpreter):
         message = f"{why} at {_where(node)}; used the sound fallback (everything meets everything)"
         self.note(message)
         warnings.warn(message, UnknownOperatorWarning, stacklevel=2)
+        top = self.outer if self.outer is not None else node
+        top.meta.setdefault(META_KEY, {}).setdefault(_FALLBACK[self.mode], []).append((str(target), why))
         operands = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, LabelTensor)]
         total = self.pool.union_many(op.total(self.pool) for op in operands)
         data = [op for op in operands if not op.is_param]
@@ -295,6 +320,7 @@ class LabelPropagator(torch.fx.Interpreter):
         this propagator's records: its placeholders take the operands in order."""
         sub = LabelPropagator(self.traced, self.pool, self.mode, self.registry, graph_module=gm)
         sub.meets, sub.aligned, sub.notes, sub._units = self.meets, self.aligned, self.notes, self._units
+        sub.outer = self.outer if self.outer is not None else self._node
         sub_placeholders = {}
         sub.placeholder = lambda t, a, k: sub_placeholders[sub._node.name]  # type: ignore[method-assign]
         names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]

@@ -114,3 +114,110 @@ def test_verification_max_is_nan_whatever_the_order_of_outputs():
     for outs in ([a, b], [b, a]):
         v = Verification(outputs=outs, trials=1)
         assert math.isnan(v.max) and not v.ok()
+
+
+# An operator without a label rule ------------------------------------------------------------
+
+@torch.library.custom_op("plan_claims::roll", mutates_args=())
+def _roll(x: torch.Tensor) -> torch.Tensor:
+    return torch.roll(x, 1, -1)
+
+
+@_roll.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class RollRaw(nn.Module):
+    """The feature axis rolled by an operator with no label rule, then a layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, obs):
+        return self.head(torch.ops.plan_claims.roll(obs))
+
+
+class RollHidden(nn.Module):
+    """The roll after a layer: its input is the layer's units, which a reordering of the input
+    features does not move (the layer's columns absorb it)."""
+
+    def __init__(self, h=4):
+        super().__init__()
+        self.enc, self.head = nn.Linear(4, h), nn.Linear(h, 2)
+
+    def forward(self, obs):
+        return self.head(torch.ops.plan_claims.roll(self.enc(obs)))
+
+
+class RollOther(nn.Module):
+    """Two inputs; the roll reads only the second."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(3, 3)
+
+    def forward(self, obs, aux):
+        return self.a(obs) + self.b(torch.ops.plan_claims.roll(aux))
+
+
+def reorder(model, inputs, descs, order):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnknownOperatorWarning)
+        t = fs.trace(model, inputs, descs)
+        gm = fs.passes.reorder_features(t, "obs", order)
+    return gm.meta["fxsurgery"]["plan"]
+
+
+def no_rule(p):
+    return [i for i in p.issues if i.kind == "no rule"]
+
+
+def test_change_through_an_operator_without_rule_is_not_claimed():
+    torch.manual_seed(0)
+    p = reorder(RollRaw(), (torch.randn(2, 4),), features(ABCD), ABCD[::-1])
+    assert not p.preserves_function
+    [issue] = no_rule(p)
+    assert "plan_claims.roll.default" in str(issue) and "%roll" in issue.where
+    assert "not matched element by element" in issue.message and "reaches" in issue.message
+    assert fs.verify(p).max > 1e-3      # the claim would have been wrong: the outputs moved
+
+
+def test_operator_without_rule_that_no_change_reaches_is_reported_not_blocking():
+    torch.manual_seed(0)
+    p = reorder(RollHidden(), (torch.randn(2, 4),), features(ABCD), ABCD[::-1])
+    [issue] = no_rule(p)
+    assert "plan_claims.roll.default" in issue.message and issue.where == "%roll"
+    assert "no change reaches it" in issue.message
+    assert p.preserves_function, [str(i) for i in p.issues]
+    assert fs.verify(p).max <= 1e-5
+
+
+def test_operator_without_rule_on_another_input_is_not_blocking():
+    torch.manual_seed(0)
+    descs = {"obs": fs.Features(ABCD), "aux": fs.Features(["u", "v", "w"])}
+    p = reorder(RollOther(), (torch.randn(2, 4), torch.randn(2, 3)), descs, ABCD[::-1])
+    assert p.preserves_function and len(no_rule(p)) == 1, [str(i) for i in p.issues]
+    assert fs.verify(p).max <= 1e-5
+
+
+def test_widening_into_an_operator_without_rule_is_not_claimed():
+    torch.manual_seed(0)
+    old, new = RollHidden(4), RollHidden(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnknownOperatorWarning)
+        p = planned(old, new, ABCD, ABCD)
+    assert not p.preserves_function
+    [issue] = no_rule(p)
+    assert "reaches" in issue.message and "2x4 -> 2x5" in issue.message, issue
+
+
+def test_fallback_is_recorded_per_node():
+    from fxsurgery.propagate import fallbacks
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnknownOperatorWarning)
+        t = fs.trace(RollHidden(), (torch.randn(2, 4),), features(ABCD))
+        fs.interaction_map(t)
+    found = fallbacks(t.graph)
+    assert [(n, op) for n, op, _ in found] == [("roll", "plan_claims.roll.default")]

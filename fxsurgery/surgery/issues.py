@@ -7,27 +7,30 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.utils._pytree import tree_flatten
 from torch.export.graph_signature import OutputKind, TensorArgument
 
-from ..propagate import META_KEY
+from ..propagate import META_KEY, fallbacks
 from ..terms import Terms
-from .._sort import map_distinct
+from .._sort import map_distinct, unique
 from .match import match
 from .space import LabelSpace, describe
 
 __all__ = ["Issue", "graph_points", "output_keys", "check_points", "match_outputs", "removed_nonzero",
-           "unmatched"]
+           "unmatched", "fallback_points", "check_fallbacks"]
 
 
 @dataclass
 class Issue:
     kind: str       # "normalisation", "softmax", "reduction", "output", "removed input", "pruned units",
-    #                 "unmatched",
+    #                 "unmatched", "no rule" (an operator run through the sound fallback),
     #                 or "new output": an output (or positions of one) the old model has no value for.
-    #                 The old outputs are still computed exactly, so it does not count against
-    #                 `SurgeryPlan.preserves_function`; it is said so that nobody is surprised.
     where: str      # node or parameter
     message: str
+    # False: said so that nobody is surprised, but the old outputs are still computed exactly
+    # (a new output; an operator without a rule that no change reaches), so it does not count
+    # against `SurgeryPlan.preserves_function`.
+    blocking: bool = True
 
     def __str__(self) -> str:
         return f"[{self.kind}] {self.where}: {self.message}"
@@ -122,6 +125,112 @@ def graph_points(traced) -> list[tuple]:
             dim = b.get("dim", -1)
             points.append(("softmax", f"{name[6:]} at {_where(node)}", ids, [dim % nd] if nd else []))
     return points
+
+
+def fallback_points(traced) -> list[tuple]:
+    """(node name, ((operator, why), ...), where, operands) of every node where mapping used
+    the sound fallback, read right after mapping. `operands`: per argument, (shape, keys ids) of
+    a tensor, or the value itself (sizes, flags), in the order of the node's arguments."""
+    by_node: dict[str, list] = {}
+    for name, op, why in fallbacks(traced.graph):
+        by_node.setdefault(name, []).append((op, why))
+    if not by_node:
+        return []
+    points = []
+    for node in traced.graph.nodes:
+        if node.name not in by_node:
+            continue
+        operands = []
+        for a in tree_flatten((node.args, node.kwargs))[0]:
+            lt = _keys(a)
+            if lt is not None:
+                operands.append((tuple(lt.shape), lt.ids))
+            elif isinstance(a, torch.fx.Node):
+                operands.append(("value", repr(a.meta.get("val"))))
+            else:
+                operands.append(("value", repr(a)))
+        points.append((node.name, tuple(by_node[node.name]), _where(node), operands))
+    return points
+
+
+def _shape_text(shape) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+_PAIR = 1 << 31
+
+
+def _reach(space: LabelSpace, old_ops, new_ops) -> list[str]:
+    """How the operands of a fallback node differ between the old and new model: shapes, or
+    the labels (as tokens of both) held at the same positions. Empty: every operand holds the
+    same labels at the same positions, and the same sizes and flags."""
+    if len(old_ops) != len(new_ops):
+        return [f"it takes {len(old_ops)} arguments in the old model and {len(new_ops)} in the new"]
+    found = []
+    for k, (o, n) in enumerate(zip(old_ops, new_ops)):
+        if o[0] == "value" or n[0] == "value":
+            if o != n:
+                found.append(f"argument {k} differs")
+            continue
+        (os_, oids), (ns, nids) = o, n
+        if os_ != ns:
+            found.append(f"argument {k} changes shape {_shape_text(os_)} -> {_shape_text(ns)}")
+            continue
+        to, _ = space.translate("old", oids.reshape([1] * (len(os_) - oids.dim()) + list(oids.shape)))
+        tn, _ = space.translate("new", nids.reshape([1] * (len(ns) - nids.dim()) + list(nids.shape)))
+        to, tn = torch.broadcast_tensors(to, tn)
+        differ = to != tn
+        if not bool(differ.any()):
+            continue
+        pairs, _ = unique(to[differ] * _PAIR + tn[differ])
+        before, after = set(), set()
+        for a, b in (divmod(p, _PAIR) for p in pairs.tolist()):
+            before |= space.tset_tokens[a]
+            after |= space.tset_tokens[b]
+        n = f"{int(differ.sum()):,} of its {int(differ.numel()):,} distinct positions"
+        if before == after:
+            found.append(f"argument {k} holds the same labels at other positions ({describe(before, space)} "
+                         f"moved, at {n})")
+            continue
+        what = [f"gaining {describe(after - before, space)}"] if after - before else []
+        what += [f"losing {describe(before - after, space)}"] if before - after else []
+        found.append(f"argument {k} holds other labels at {n} ({', '.join(what)})")
+    return found
+
+
+def check_fallbacks(space: LabelSpace, old_points, new_points) -> list[Issue]:
+    """Nodes run through the sound fallback: every element after one depends on everything its
+    inputs depend on, so the labels no longer tell those elements apart and they are matched
+    by position. That is right when the node's inputs hold the same labels at the same
+    positions in both models (the change does not reach it: its inputs are, position by
+    position, what they were); otherwise the positions after it are not known to correspond
+    (a reordered feature axis rolled by it), and preservation is not claimed through it. A
+    fallback in one model only, or at nodes that cannot be paired (by name and operator), is
+    never assumed to be reached by no change."""
+    old_by = {name: (ops, operands) for name, ops, _, operands in old_points}
+    issues = []
+    for name, ops, where, operands in new_points:
+        why = "; ".join(w for _, w in ops)
+        head = f"{why}: positions after it are not matched element by element"
+        old = old_by.pop(name, None)
+        if old is None or tuple(o for o, _ in old[0]) != tuple(o for o, _ in ops):
+            issues.append(Issue("no rule", where, head + "; the old model has no such node run through the sound "
+                                "fallback to compare it with, function preservation is not claimed through it"))
+            continue
+        reach = _reach(space, old[1], operands)
+        if reach:
+            issues.append(Issue("no rule", where, head + f", and the change reaches it ({'; '.join(reach)}): "
+                                "function preservation is not claimed through it"))
+        else:
+            issues.append(Issue("no rule", where, head + "; no change reaches it (its inputs hold the same labels "
+                                "at the same positions in both models), so they are carried by position",
+                                blocking=False))
+    for name, (ops, _) in old_by.items():
+        why = "; ".join(w for _, w in ops)
+        issues.append(Issue("no rule", f"%{name} (old model)", f"{why}: positions after it are not matched element by "
+                            "element, and the new model has no such node to compare it with: function preservation "
+                            "is not claimed through it"))
+    return issues
 
 
 def output_keys(traced) -> list:
@@ -221,7 +330,8 @@ def match_outputs(space: LabelSpace, old_outputs, new_outputs) -> tuple[list, li
         if new is None or old is None:
             matches.append(None)
             if new is not None:
-                issues.append(Issue("new output", f"output {i}", "is new: the old model has no such output"))
+                issues.append(Issue("new output", f"output {i}", "is new: the old model has no such output",
+                                    blocking=False))
             continue
         (ns, nids, ndeps), (os_, oids, odeps) = new, old
         # An output position is known by its keys and, beside them, by the labels of both models
@@ -245,7 +355,7 @@ def match_outputs(space: LabelSpace, old_outputs, new_outputs) -> tuple[list, li
         if gained:
             labels = describe(m.new_met, space) or "unlabelled positions"
             issues.append(Issue("new output", f"output {i}", f"gains {gained} elements ({labels}) that the old model "
-                                "has no value for; the old positions are preserved"))
+                                "has no value for; the old positions are preserved", blocking=False))
     return matches, issues
 
 

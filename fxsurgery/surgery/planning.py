@@ -17,7 +17,8 @@ import torch
 from ..capture import Traced, trace
 from ..interaction_map import interaction_map
 from .apply import build, in_place_writes
-from .issues import Issue, check_points, graph_points, match_outputs, output_keys, removed_nonzero, unmatched
+from .issues import (Issue, check_fallbacks, check_points, fallback_points, graph_points, match_outputs, output_keys,
+                     removed_nonzero, unmatched)
 from .match import Match, match
 from .splits import unit_splits
 from .space import LabelSpace, SurgeryError, SurgeryWarning, _listing, check_rename, rename_prefix
@@ -87,7 +88,7 @@ class SurgeryPlan:
         """True when no place was found where the new model must compute something else than
         the old one did. New outputs, and new positions of an output, do not count: the old
         ones are computed exactly (they are listed among the issues all the same)."""
-        return all(i.kind == "new output" for i in self.issues) and not any(p.match.unexplained for p in self.params.values())
+        return all(not i.blocking for i in self.issues) and not any(p.match.unexplained for p in self.params.values())
 
     def table(self, tablefmt: str = "simple") -> str:
         return report.table(self, tablefmt)
@@ -254,11 +255,13 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
         old_map = interaction_map(old)
         old_outputs = output_keys(old)  # read now: mapping `new` may overwrite node metadata
         old_points = graph_points(old)
+        old_fallbacks = fallback_points(old)
         old_splits = unit_splits(old, old_map.pool)
         new_map = interaction_map(new)
     new_outputs = output_keys(new)
     new_splits = unit_splits(new, new_map.pool)
     points = graph_points(new)
+    new_fallbacks = fallback_points(new)
     timings["map"] = time.perf_counter() - t0
     t0 = time.perf_counter()
 
@@ -336,6 +339,7 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
             warnings.warn(f"re-initialising {msg}", SurgeryWarning, stacklevel=2)
 
     issues = check_points(space, points) + check_points(space, old_points, side="old")
+    issues += check_fallbacks(space, old_fallbacks, new_fallbacks)
     outputs, out_issues = match_outputs(space, old_outputs, new_outputs)
     issues += out_issues
     old_sd = old.model.state_dict()

@@ -110,11 +110,17 @@ def summary(plan) -> str:
         lines.append(f"new labels: {describe(plan.space.new_only, plan.space, limit=8)}")
     if plan.space.removed:
         lines.append(f"removed labels: {describe(plan.space.removed, plan.space, limit=8)}")
-    if plan.issues:
+    blocking = [i for i in plan.issues if i.blocking]
+    if blocking:
         lines.append("")
         lines.append("function preservation is impossible at:")
-        lines += [f"- {i}" for i in plan.issues]
-    else:
+        lines += [f"- {i}" for i in blocking]
+    others = [i for i in plan.issues if not i.blocking]
+    if others:
+        lines.append("")
+        lines.append("reported (the old outputs are still computed exactly):")
+        lines += [f"- {i}" for i in others]
+    if not blocking:
         unexplained = [p.name for p in plan.params.values() if p.match.unexplained]
         if unexplained:
             lines.append(f"re-initialised (shape change not explained): {', '.join(unexplained)}")
