@@ -1,0 +1,327 @@
+"""Streaming surgery of checkpoints larger than memory.
+
+Plan on models built on the meta device (structure only), then carry the weights tensor by
+tensor from a (sharded) safetensors checkpoint into a new sharded safetensors checkpoint, in
+the layout transformers writes (`model.safetensors`, or `model-0000k-of-0000n.safetensors`
+shards with `model.safetensors.index.json`):
+
+    with torch.device("meta"):
+        old, new = LlamaForCausalLM(old_config), LlamaForCausalLM(new_config)
+    p = fs.plan(fs.trace(old, old_inputs, old_features), fs.trace(new, new_inputs, new_features))
+    p.apply_to_checkpoint("old_dir", "new_dir", init=new._init_weights)
+
+or in one call, `transplant_checkpoint(old, new, old_inputs, new_inputs, old_features,
+new_features, "old_dir", "new_dir")`.
+
+At any time one new tensor is being built: its old tensor is read from the source (see
+`checkpoint_files`), the elements the plan does not copy take the new model's initialisation
+(see `checkpoint_init`; zero where the plan zeros), and the result is written into its output
+shard, whose header was written first. Peak memory is a few of the largest tensors, never a
+shard, never a model.
+
+The output is written into a temporary sibling directory of `dst` and renamed into place only
+when every file is complete: a failed or interrupted run leaves no checkpoint at `dst` (and an
+existing `dst`, replaced only with overwrite=True, is swapped whole, never half-replaced).
+Everything that can be checked is checked before the first byte is written: tensors the plan
+needs and the checkpoint lacks, shapes, tensors the old model does not have.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .apply import build, in_place_writes
+from .checkpoint_files import ShardWriter, Source, parse_size, shard_names, write_index
+from .checkpoint_init import ModuleInit, needs_init
+from .planning import _aliases
+from .space import SurgeryError, _listing
+
+__all__ = ["apply_to_checkpoint", "transplant_checkpoint", "Written"]
+
+
+@dataclass
+class Written:
+    """What apply_to_checkpoint wrote."""
+    path: Path                                   # the output directory
+    files: list = field(default_factory=list)    # its safetensors files, in order
+    weight_map: dict = field(default_factory=dict)   # tensor name -> file name
+    total_size: int = 0                          # bytes of tensor data
+
+
+@dataclass
+class _Out:
+    name: str          # the checkpoint name
+    plan: object       # its ParamPlan
+    shape: tuple
+    dtype: torch.dtype
+    source: str | None  # the source tensor it copies from
+
+    @property
+    def nbytes(self) -> int:
+        return int(torch.Size(self.shape).numel()) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def apply_to_checkpoint(plan, src, dst, *, init: Callable[[torch.nn.Module], None] | None = None,
+                        max_shard_size=None, dtype: torch.dtype | None = None,
+                        progress: bool | Callable[[str, int, int], None] | None = None,
+                        overwrite: bool = False, strict: bool = True) -> Written:
+    """Carries the weights of the checkpoint `src` through `plan` into a new checkpoint
+    directory `dst`, one tensor at a time. The models the plan was made from may be on the
+    meta device; they are only read (structure, and the new model's initialisation).
+
+    src: the old model's checkpoint: a `.safetensors` file, a directory holding
+        `model.safetensors.index.json` and its shards (or one `.safetensors` file), an
+        `.index.json` file, or a state_dict file (`.pt`, `.pth`, `.bin`, read memory-mapped).
+        Tied tensors may be held under any one of their names.
+    dst: the output directory; must not exist unless overwrite=True (then the old one is
+        replaced whole once the new one is complete). Its parent must exist.
+    init: called on a copy of one module of the new model (its own tensors on CPU, no
+        children) to initialise it, for the modules whose parameters keep some of the new
+        model's values (new units' rows, new output rows). Default: the module's
+        reset_parameters. For transformers models pass `init=new_model._init_weights`.
+    max_shard_size: bytes (or "5GB", "2GiB") per output shard, as transformers' save_pretrained
+        splits (a tensor larger than it gets a shard of its own). Default: the size of the
+        largest source file, so that the output is sharded like the source.
+    dtype: the floating dtype of the output. Default: each tensor keeps the dtype of the old
+        tensor it comes from (bf16 in, bf16 out); new tensors take the source's floating dtype
+        when it has one, else the new model's.
+    progress: a tqdm bar (True; None: only when stderr is a terminal and tqdm is installed),
+        none (False), or a callable(name, bytes done, bytes total) called after each tensor.
+    strict: refuse a source holding tensors the old model does not have (False: ignore them).
+
+    Returns a `Written`. Raises SurgeryError, naming the tensor and file, before writing
+    anything when the checkpoint lacks a tensor the plan copies, holds one of another shape, or
+    (strict) holds tensors the old model lacks.
+    """
+    src_path, dst = Path(src), Path(dst)
+    _check_destination(src_path, dst, overwrite)
+    source = Source(src_path)
+    outs = _outputs(plan, source, dtype, strict)
+    limit = parse_size(max_shard_size) if max_shard_size is not None else max(source.largest_file, 1)
+    shards = _split(outs, limit)
+    names = shard_names(len(shards))
+    total = sum(o.nbytes for o in outs)
+    report, close_bar = _progress(progress, total)
+    values = ModuleInit(plan.new.model, init)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp's 0o700 would become dst's mode
+        done = 0
+        written = Written(dst)
+        for fname, shard in zip(names, shards):
+            writer = ShardWriter(tmp / fname, [(o.name, o.shape, o.dtype) for o in shard])
+            try:
+                by_name = {o.name: o for o in shard}
+                for name in writer.order:
+                    o = by_name[name]
+                    writer.write(name, _value(plan, o, source, values))
+                    done += o.nbytes
+                    report(name, done, total)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            written.files.append(fname)
+            written.weight_map.update({o.name: fname for o in shard})
+        written.total_size = total
+        if len(names) > 1:
+            write_index(tmp, written.weight_map, total)
+        _install(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        close_bar()
+    return written
+
+
+def _umask() -> int:
+    # Read, not set-and-restore where possible: os.umask changes it for every thread meanwhile.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    if not dst.parent.is_dir():
+        raise SurgeryError(f"the output directory's parent {dst.parent} does not exist; create it first")
+    if dst.exists():
+        if not overwrite:
+            raise SurgeryError(f"the output {dst} exists; pass overwrite=True to replace it (it is replaced whole, "
+                               "once the new checkpoint is complete), or choose another directory")
+        if not dst.is_dir():
+            raise SurgeryError(f"the output {dst} exists and is not a directory")
+    s, d = src.resolve(), dst.resolve()
+    if s == d or d in s.parents:
+        raise SurgeryError(f"the output {dst} holds the source checkpoint {src}; write the new checkpoint elsewhere")
+
+
+def _install(tmp: Path, dst: Path) -> None:
+    """Renames the complete output into place; an existing dst is moved aside first and put back
+    if the rename fails, then deleted."""
+    if not dst.exists():
+        os.rename(tmp, dst)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".replaced", dir=dst.parent))
+    os.rmdir(aside)
+    os.rename(dst, aside)
+    try:
+        os.rename(tmp, dst)
+    except BaseException:
+        os.rename(aside, dst)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _tie_targets(model: torch.nn.Module) -> set:
+    """Names transformers drops from checkpoints because they are tied to another (the keys of
+    `_tied_weights_keys` in transformers 5, its entries in 4)."""
+    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        return set(tied)
+    if isinstance(tied, (list, tuple, set)):
+        return set(tied)
+    return set()
+
+
+def _outputs(plan, source: Source, dtype, strict: bool) -> list[_Out]:
+    """The output tensors in the new model's state_dict order, one name per tied group, each
+    with its shape, dtype and source tensor; every check against the checkpoint happens here."""
+    old_model, new_model = plan.old.model, plan.new.model
+    old_alias = _aliases(old_model)
+    old_shapes = {n: tuple(t.shape) for n, t in list(old_model.named_parameters(remove_duplicate=False)) +
+                  list(old_model.named_buffers(remove_duplicate=False))}
+    infos = source.infos
+    where = lambda n: infos[n].file.name   # noqa: E731
+    extra = sorted(n for n in infos if n not in old_shapes)
+    if extra and strict:
+        raise SurgeryError(f"the checkpoint {source.path} holds tensors the old model does not have: "
+                           + "; ".join(f"{n} (in {where(n)})" for n in extra[:5])
+                           + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+                           + "; is it the old model's checkpoint? (strict=False ignores them)")
+    for n, info in infos.items():
+        if n in old_shapes and info.shape != old_shapes[n]:
+            raise SurgeryError(f"the checkpoint's {n} (in {where(n)}) has shape {info.shape}, but the old "
+                               f"model's is {old_shapes[n]}; is it the old model's checkpoint?")
+    floating = {i.dtype for n, i in infos.items() if i.dtype.is_floating_point and n in old_shapes}
+    default_float = dtype or (floating.pop() if len(floating) == 1 else None)
+
+    by_alias = {a: p for p in plan.params.values() for a in p.aliases}
+    targets = _tie_targets(new_model)
+    outs, seen = [], set()
+    for key, t in new_model.state_dict(keep_vars=True).items():
+        p = by_alias.get(key)
+        if p is None:
+            raise SurgeryError(f"the new model's {key} is not in the plan; plan again")
+        if id(p) in seen or not p.persistent:
+            continue
+        seen.add(id(p))
+        if tuple(t.shape) != p.match.new_shape:
+            raise SurgeryError(f"the new model's {key} has shape {tuple(t.shape)}, but the plan was made for "
+                               f"{p.match.new_shape}; plan again (nothing was written)")
+        name = next((a for a in p.aliases if a not in targets), p.aliases[0])
+        src_name = None
+        if p.old_name is not None and p.match.copy and not p.match.unexplained:
+            src_name = next((a for a in old_alias.get(p.old_name, (p.old_name,)) if a in infos), None)
+            if src_name is None:
+                names = old_alias.get(p.old_name, (p.old_name,))
+                raise SurgeryError(f"the checkpoint {source.path} has no tensor {p.old_name}"
+                                   + (f" (nor {_listing(names[1:])}, tied to it)" if len(names) > 1 else "")
+                                   + f", which the plan copies into {p.name}; is it the old model's checkpoint?")
+            if infos[src_name].shape != p.match.old_shape:
+                raise SurgeryError(f"the checkpoint's {src_name} (in {where(src_name)}) has shape "
+                                   f"{infos[src_name].shape}, but the plan was made for {p.match.old_shape}")
+        if t.is_floating_point():
+            out_dtype = dtype or (infos[src_name].dtype if src_name and infos[src_name].dtype.is_floating_point
+                                  else default_float or t.dtype)
+        else:
+            out_dtype = t.dtype
+        outs.append(_Out(name, p, tuple(t.shape), out_dtype, src_name))
+    return outs
+
+
+def _split(outs: list[_Out], limit: int) -> list[list[_Out]]:
+    """Consecutive tensors into shards of at most `limit` bytes (a larger tensor alone)."""
+    shards, size = [[]], 0
+    for o in outs:
+        if shards[-1] and size + o.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(o)
+        size += o.nbytes
+    return shards
+
+
+def _value(plan, o: _Out, source: Source, values: ModuleInit) -> torch.Tensor:
+    """The new tensor `o`, built from its old tensor and the new model's initial values as
+    SurgeryPlan.apply builds it, in o.dtype."""
+    m, cats = o.plan.match, plan.new_categories
+    old = source.read(o.source) if o.source is not None else None
+    with torch.no_grad():
+        if old is not None and m.identity:
+            return old.to(o.dtype)
+        if needs_init(m, cats):
+            dest = values.values(o.name, o.dtype).clone()
+        else:
+            dest = torch.zeros(o.shape, dtype=o.dtype)
+        if tuple(dest.shape) != o.shape:   # a bug guard: never write a wrong shape
+            raise SurgeryError(f"internal error: the initial value of {o.name} has shape {tuple(dest.shape)}, "
+                               f"expected {o.shape}")
+        writes = in_place_writes(m, old, dest, cats)
+        if writes is None:
+            return build(m, old, dest, cats).to(o.dtype)
+        for w in writes:
+            w()
+        return dest
+
+
+def _progress(progress, total: int):
+    """(report(name, done, total), close()) for the progress argument."""
+    if callable(progress):
+        return progress, lambda: None
+    if progress is None:
+        progress = sys.stderr.isatty()
+        try:
+            import tqdm  # noqa: F401 - optional: no bar without it
+        except ImportError:
+            progress = False
+    if not progress:
+        return (lambda *a: None), lambda: None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        raise SurgeryError("progress=True needs tqdm (pip install tqdm); pass progress=False") from None
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing checkpoint")
+    last = [0]
+
+    def report(name, done, _total):
+        bar.update(done - last[0])
+        last[0] = done
+    return report, bar.close
+
+
+def transplant_checkpoint(old_model: torch.nn.Module, new_model: torch.nn.Module, old_inputs, new_inputs,
+                          old_features, new_features, src, dst, *, rename=None, units=None,
+                          strict_plan: bool = False, new_categories: str = "zero", **checkpoint_kwargs):
+    """The one-call form for the command line: traces both models (meta-device models are
+    fine and fastest), plans, and streams `src` into `dst` with apply_to_checkpoint
+    (checkpoint_kwargs: init, max_shard_size, dtype, progress, overwrite, strict). rename,
+    units, new_categories and strict_plan (plan's strict) go to `plan`. Returns (plan, Written)."""
+    from ..capture import trace
+    from .planning import plan as make_plan
+    p = make_plan(trace(old_model, old_inputs, old_features), trace(new_model, new_inputs, new_features),
+                  rename=rename, units=units, strict=strict_plan, new_categories=new_categories)
+    return p, apply_to_checkpoint(p, src, dst, **checkpoint_kwargs)

@@ -1,0 +1,244 @@
+"""Checkpoint files on disk: reading a (sharded) source tensor by tensor, writing safetensors
+shards tensor by tensor.
+
+A source is a single `model.safetensors`, a directory with `model.safetensors.index.json` and
+its shards (the layout transformers writes), a directory holding one `.safetensors` file, or
+a state_dict file saved with `torch.save` (`.pt`, `.pth`, `.bin`). Headers are read up front
+(names, shapes, dtypes: a few kilobytes per file), the tensors one at a time when asked.
+
+Each tensor is read through its own `safe_open`: safetensors maps the file and hands out a
+tensor backed by that mapping, whose touched pages count towards the process's resident
+memory for as long as the mapping lives. One handle kept open per shard would let a whole
+shard accumulate; one handle per tensor releases the pages with the tensor.
+
+Output shards are written without holding them in memory: every name, shape and dtype is
+known before the first byte, so the header (and its offsets) is written first and the data
+follow tensor by tensor, in header order.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .space import SurgeryError
+
+__all__ = ["SAFE_WEIGHTS", "SAFE_INDEX", "TensorInfo", "Source", "ShardWriter", "parse_size", "shard_names",
+           "write_index"]
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+_STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin")
+
+_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+           "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+           "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+for _name in ("uint16", "uint32", "uint64"):      # torch >= 2.3
+    if hasattr(torch, _name):
+        _DTYPES["U" + _name[4:]] = getattr(torch, _name)
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    shape: tuple
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _itemsize(self.dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _read_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (name -> {dtype, shape, data_offsets})."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("shorter than a header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100_000_000:
+                raise ValueError(f"header length {n} is implausible")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise SurgeryError(f"cannot read the safetensors file {path}: {e}") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+class Source:
+    """The tensors of a checkpoint: `infos[name]` says where each lives and what it is;
+    `read(name)` returns it (CPU, its stored dtype)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.infos: dict[str, TensorInfo] = {}
+        self._state_dict = None
+        files = self._files()
+        if self._state_dict is None:
+            for file in files:
+                for name, entry in _read_header(file).items():
+                    dtype = _DTYPES.get(entry.get("dtype"))
+                    if dtype is None:
+                        raise SurgeryError(f"the tensor {name} in {file} has dtype {entry.get('dtype')!r}, "
+                                           f"which is not supported (supported: {', '.join(_DTYPES)})")
+                    if name in self.infos:
+                        raise SurgeryError(f"the tensor {name} is in both {self.infos[name].file} and {file}; "
+                                           "a checkpoint holds each tensor once")
+                    self.infos[name] = TensorInfo(file, tuple(entry["shape"]), dtype)
+        if self._index is not None:
+            for name, file in self._index.items():
+                info = self.infos.get(name)
+                if info is None or info.file.name != file:
+                    raise SurgeryError(f"{self.path / SAFE_INDEX} places {name} in {file}, but "
+                                       f"{'that file has no such tensor' if info is None else f'it is in {info.file.name}'}")
+
+    def _files(self) -> list[Path]:
+        p = self.path
+        self._index = None
+        if not p.exists():
+            raise SurgeryError(f"the checkpoint {p} does not exist")
+        if p.is_file():
+            if p.suffix in _STATE_DICT_SUFFIXES:
+                self._load_state_dict(p)
+                return []
+            if p.name.endswith(".index.json"):
+                return self._from_index(p)
+            return [p]
+        index = p / SAFE_INDEX
+        if index.is_file():
+            return self._from_index(index)
+        if (p / SAFE_WEIGHTS).is_file():
+            return [p / SAFE_WEIGHTS]
+        found = sorted(p.glob("*.safetensors"))
+        if len(found) == 1:
+            return found
+        raise SurgeryError(f"the checkpoint directory {p} has no {SAFE_INDEX} nor {SAFE_WEIGHTS}"
+                           + (f", and several .safetensors files ({', '.join(f.name for f in found)}): "
+                              "which are one checkpoint is not known" if found else " nor any .safetensors file"))
+
+    def _from_index(self, index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SurgeryError(f"cannot read the checkpoint index {index}: {e!r}") from None
+        self._index = weight_map
+        self.path = index.parent
+        files = []
+        for name in dict.fromkeys(weight_map.values()):
+            f = index.parent / name
+            if not f.is_file():
+                raise SurgeryError(f"{index} lists the shard {name}, which is not in {index.parent}")
+            files.append(f)
+        return files
+
+    def _load_state_dict(self, path: Path) -> None:
+        # mmap: the tensors stay on disk until read (torch >= 2.1).
+        try:
+            sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure here means "not a readable state_dict"
+            raise SurgeryError(f"cannot read {path} as a state_dict saved with torch.save: {e}") from None
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise SurgeryError(f"{path} does not hold a state_dict (a dict of name -> tensor)")
+        self._state_dict = sd
+        self.infos = {k: TensorInfo(path, tuple(v.shape), v.dtype) for k, v in sd.items()}
+
+    def read(self, name: str) -> torch.Tensor:
+        if self._state_dict is not None:
+            return self._state_dict[name]
+        from safetensors import safe_open
+        info = self.infos[name]
+        with safe_open(str(info.file), framework="pt") as f:
+            return f.get_tensor(name)
+
+    @property
+    def largest_file(self) -> int:
+        """Bytes of tensor data in the largest source file."""
+        sizes: dict[Path, int] = {}
+        for info in self.infos.values():
+            sizes[info.file] = sizes.get(info.file, 0) + info.nbytes
+        return max(sizes.values(), default=0)
+
+
+def parse_size(size) -> int:
+    """Bytes from an int or a string such as "5GB" (10^9) or "2GiB" (2^30), as transformers reads
+    max_shard_size."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", str(size).upper()) if isinstance(size, str) else None
+    if m is None:
+        raise SurgeryError(f"max_shard_size must be a positive number of bytes or a size such as '5GB' or "
+                           f"'500MiB', got {size!r}")
+    unit = m.group(2)
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base ** "BKMGT".index(unit[0]))
+
+
+def shard_names(count: int) -> list[str]:
+    """The file names transformers gives to `count` shards."""
+    if count == 1:
+        return [SAFE_WEIGHTS]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+class ShardWriter:
+    """Writes one safetensors file whose tensors are announced up front: `entries` is a list of
+    (name, shape, dtype); `write(name, tensor)` must then be called in the order of `order`."""
+
+    def __init__(self, path: Path, entries, metadata: dict | None = None):
+        self.path = path
+        # Larger elements first, as safetensors orders them, so that every tensor's data start
+        # at a multiple of its element size (readers that map the file rely on it).
+        self.order = [e[0] for e in sorted(entries, key=lambda e: -_itemsize(e[2]))]
+        spec = {name: (tuple(shape), dtype) for name, shape, dtype in entries}
+        header, offset = {"__metadata__": dict(metadata or {"format": "pt"})}, 0
+        self._expected = {}
+        for name in self.order:
+            shape, dtype = spec[name]
+            n = math.prod(shape) * _itemsize(dtype)
+            header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            self._expected[name] = (shape, dtype)
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.size = 8 + len(raw) + offset
+        self._next = 0
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want = self.order[self._next]
+        shape, dtype = self._expected[want]
+        if name != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:  # a bug guard
+            raise SurgeryError(f"internal error: writing {name} {tuple(tensor.shape)} {tensor.dtype} into "
+                               f"{self.path.name}, expected {want} {shape} {dtype}")
+        if tensor.numel():
+            self._file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self._next += 1
+
+    def close(self) -> None:
+        done = self._file.tell()
+        self._file.close()
+        if self._next != len(self.order) or done != self.size:
+            raise SurgeryError(f"internal error: {self.path.name} has {done} bytes and {self._next} tensors, "
+                               f"expected {self.size} and {len(self.order)}")
+
+    def abort(self) -> None:
+        self._file.close()
+
+
+def write_index(directory: Path, weight_map: dict, total_size: int) -> None:
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
