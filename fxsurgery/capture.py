@@ -183,6 +183,9 @@ def trace(model: torch.nn.Module, example_inputs, features: Optional[Mapping[str
             label = repr(given_names[i]) if given_names else str(i)
             raise InputError(f"example input {label} is a {type(a).__name__}, not a tensor; fxsurgery "
                              "labels tensor inputs only (bind other arguments with a wrapper module)")
+    if features is not None and not isinstance(features, Mapping):
+        raise InputError(f"features must be a dict of input name -> fs.Features or fs.Categories, got "
+                         f"{type(features).__name__}")
     features = dict(features or {})
     keywords = given_names is not None and _by_keyword(model, given_names)
 

@@ -10,7 +10,9 @@ from typing import Sequence
 
 from ..interaction_map import interaction_map
 from ..labels import Categories, Features
+from ..surgery.planning import NEW_CATEGORIES
 from ..surgery.space import _unit_groups
+from . import arguments as arg
 from .core import Change, PassError, as_traced, new_inputs, rewrite
 from .sizing import Order
 
@@ -30,9 +32,7 @@ def _description(traced, input_name: str, kind):
 
 
 def _new_names(names, existing, what) -> list[str]:
-    if isinstance(names, str):
-        names = [names]
-    names = list(names)
+    names = arg.names(names, what, "names")
     if not names:
         raise PassError(f"{what}: no names given")
     dup = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(existing)))
@@ -67,14 +67,18 @@ def add_features(model, input: str, names, at: int | str | None = None, *, input
     """Adds features to input `input`: at the end, at position `at` (an int), or after the
     feature named `at`. Their weights start at zero where they meet the data, so the new model
     computes what the old one did whatever they hold."""
+    what = f"add_features({input!r})"
+    arg.name(input, "add_features", "input")
+    arg.names(names, what, "names")
+    if at is not None and not isinstance(at, str):
+        at = arg.integer(at, what, "at")       # a position (else the name of a feature)
     traced = as_traced(model, inputs, features)
     desc = _description(traced, input, Features)
-    what = f"add_features({input!r})"
     names = _new_names(names, desc.names, what)
     old = list(desc.names)
     if at is None:
         k = len(old)
-    elif isinstance(at, int) and not isinstance(at, bool):
+    elif isinstance(at, int):
         if not -len(old) <= at <= len(old):
             raise PassError(f"{what}: position {at} is outside 0..{len(old)}")
         k = at % (len(old) + 1) if at < 0 else at
@@ -88,10 +92,13 @@ def add_features(model, input: str, names, at: int | str | None = None, *, input
 def remove_features(model, input: str, names, *, inputs=None, features=None):
     """Removes features from input `input`. The new model computes what the old one did with
     those features held at zero (the plan reports where a removed feature had weight)."""
+    what = f"remove_features({input!r})"
+    arg.name(input, "remove_features", "input")
+    names = arg.names(names, what, "names")
     traced = as_traced(model, inputs, features)
     desc = _description(traced, input, Features)
-    what = f"remove_features({input!r})"
-    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise PassError(f"{what}: no names given")
     missing = [n for n in names if n not in desc.names]
     if missing:
         raise PassError(f"{what}: no features {missing}; the features are {list(desc.names)}")
@@ -103,10 +110,11 @@ def remove_features(model, input: str, names, *, inputs=None, features=None):
 
 def reorder_features(model, input: str, order: Sequence[str], *, inputs=None, features=None):
     """Puts the features of input `input` in a new order (every feature once)."""
+    what = f"reorder_features({input!r})"
+    arg.name(input, "reorder_features", "input")
+    order = arg.names(order, what, "order", single=False)
     traced = as_traced(model, inputs, features)
     desc = _description(traced, input, Features)
-    what = f"reorder_features({input!r})"
-    order = list(order)
     if sorted(order) != sorted(desc.names) or len(set(order)) != len(order):
         raise PassError(f"{what}: the new order must name every feature once; the features are "
                         f"{list(desc.names)}, got {order}")
@@ -117,9 +125,12 @@ def add_categories(model, input: str, names, *, new_categories: str = "zero", in
     """Adds categories (embedding rows, and the rows of an output projection tied to them) to
     index input `input`. `new_categories`: "zero" (default), "mean" of the old rows, or "keep"
     (freshly initialised)."""
+    what = f"add_categories({input!r})"
+    arg.name(input, "add_categories", "input")
+    arg.names(names, what, "names")
+    arg.choice(new_categories, what, "new_categories", NEW_CATEGORIES)
     traced = as_traced(model, inputs, features)
     desc = _description(traced, input, Categories)
-    what = f"add_categories({input!r})"
     names = _new_names(names, desc.names, what)
     order = Order(("category", input), list(range(len(desc.names))) + [-1 - i for i in range(len(names))],
                   list(desc.names) + names)
@@ -156,10 +167,13 @@ def widen(model, group: str, size: int | None = None, *, by: int | None = None, 
     their outgoing weights start at zero, so the function is preserved unless a normalisation
     or softmax spans the axis (the plan says where). Axes coupled to it (a residual stream)
     widen with it."""
-    traced = as_traced(model, inputs, features)
     what = f"widen({group!r})"
+    arg.name(group, "widen", "group")
     if (size is None) == (by is None):
-        raise PassError(f"{what}: give exactly one of size= and by=")
+        raise PassError(f"{what}: give exactly one of size= and by= (got size={size!r}, by={by!r})")
+    size = None if size is None else arg.count(size, what, "size")
+    by = None if by is None else arg.count(by, what, "by")
+    traced = as_traced(model, inputs, features)
     imap = interaction_map(traced)
     orders = {}
     for g, n in _groups(traced, imap, group, what).items():
@@ -176,14 +190,15 @@ def widen(model, group: str, size: int | None = None, *, by: int | None = None, 
 def prune_units(model, group: str, keep: Sequence[int], *, inputs=None, features=None):
     """Keeps only units `keep` (old positions, in their new order) of hidden axis `group`; the
     surviving units' weights are kept exactly, the others dropped."""
-    traced = as_traced(model, inputs, features)
     what = f"prune_units({group!r})"
+    arg.name(group, "prune_units", "group")
+    keep = arg.positions(keep, what, "keep")
+    traced = as_traced(model, inputs, features)
     imap = interaction_map(traced)
     groups = _groups(traced, imap, group, what)
     if len(groups) != 1:
         raise PassError(f"{what}: names several hidden axes {sorted(groups)}; name one")
     (g, n), = groups.items()
-    keep = [int(k) for k in keep]
     bad = [k for k in keep if not 0 <= k < n]
     if bad or len(set(keep)) != len(keep) or not keep:
         raise PassError(f"{what}: keep must list distinct positions in 0..{n - 1} (some); got {keep}")

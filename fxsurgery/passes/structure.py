@@ -12,11 +12,14 @@ projection's columns for the new heads follow by reach and start at zero.
 """
 from __future__ import annotations
 
+import keyword
+
 import torch
 import torch.fx
 
 from .._sort import unique_values
 from ..interaction_map import interaction_map
+from . import arguments as arg
 from .core import Change, PassError, as_traced, finish, new_inputs, rewrite
 from .graph import build_graph_module
 from .reach import Reach
@@ -68,6 +71,8 @@ def insert_identity_layer(model, after: str, name: str | None = None, *, inputs=
     Linear over the last axis (after a Linear-like module), or a 1x1 convolution over the
     channels (after a convolution). It is registered as submodule `name` (default
     `<after>_identity`, dots as underscores) and trains like any layer."""
+    arg.name(after, "insert_identity_layer", "after")
+    arg.optional_name(name, f"insert_identity_layer({after!r})", "name")
     traced = as_traced(model, inputs, features)
     names = _module_names(traced)
     out_old = _output_node(traced.graph, after, names)
@@ -92,8 +97,11 @@ def insert_identity_layer(model, after: str, name: str | None = None, *, inputs=
     with torch.no_grad():
         layer.bias.zero_()
     name = name or _fresh_name(gm, after.replace(".", "_") + "_identity")
-    if hasattr(gm, name) or "." in name:
-        raise PassError(f"insert_identity_layer: {name!r} is taken (or not a plain attribute name)")
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise PassError(f"insert_identity_layer({after!r}): name={name!r} is not a plain attribute name "
+                        "(letters, digits and underscores, not a Python keyword)")
+    if hasattr(gm, name):
+        raise PassError(f"insert_identity_layer({after!r}): name={name!r} is taken by an attribute of the module")
     gm.add_submodule(name, layer.to(val.device))
     graph = gm.graph
     with graph.inserting_after(out):
@@ -181,9 +189,9 @@ def add_heads(model, attention: str, n: int, *, inputs=None, features=None):
     projections grow by whole heads; with grouped key/value heads, `n` must be a multiple of
     the query heads per key/value head, and key/value heads are added with them). The new
     heads' output-projection columns start at zero: the function is preserved."""
+    arg.name(attention, "add_heads", "attention")
+    n = arg.count(n, f"add_heads({attention!r})", "n")
     traced = as_traced(model, inputs, features)
-    if not isinstance(n, int) or n < 1:
-        raise PassError(f"add_heads: n must be a positive number of heads, got {n!r}")
     sdpa = _attention_node(traced, attention)
     q, k, v = sdpa.args[:3]
     imap = interaction_map(traced)
