@@ -7,7 +7,9 @@ with, which is what surgery matches old and new elements by.
 """
 from __future__ import annotations
 
+import difflib
 import json
+import operator
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -68,11 +70,38 @@ class InteractionMap:
 
     # lookups ------------------------------------------------------------------------
     def _entry(self, name: str) -> ParamEntry:
+        if not isinstance(name, str):
+            raise TypeError(f"a parameter is named by its state_dict name (a string), got {name!r}")
         name = self._alias.get(name, name)
         if name not in self.entries:
-            raise KeyError(f"no parameter or buffer named {name!r}; the map has {sorted(self.entries)[:12]}"
+            close = difflib.get_close_matches(name, sorted(set(self.entries) | set(self._alias)), n=4, cutoff=0.6)
+            hint = f"; did you mean {close}?" if close else ""
+            raise KeyError(f"no parameter or buffer named {name!r}{hint} The map has {sorted(self.entries)[:12]}"
                            + (" ..." if len(self.entries) > 12 else ""))
         return self.entries[name]
+
+    def _index(self, e: ParamEntry, index) -> tuple:
+        """`index` as a tuple of ints, checked against the parameter's shape: one integer per
+        axis, each within its size (negative ones count from the end, as in torch)."""
+        where = f"{e.name} (shape {tuple(e.shape)})"
+        idx = (index,) if isinstance(index, int) and not isinstance(index, bool) else index
+        try:
+            idx = tuple(idx)
+        except TypeError:
+            raise TypeError(f"the index into {where} must be a tuple of integers, got {index!r}") from None
+        try:   # ints, numpy and 0-d torch integers (anything with __index__), never a bool
+            if any(isinstance(i, bool) for i in idx):
+                raise TypeError
+            idx = tuple(operator.index(i) for i in idx)
+        except TypeError:
+            raise TypeError(f"the index into {where} must be a tuple of integers, got {index!r}") from None
+        if len(idx) != len(e.shape):
+            raise IndexError(f"{where} has {len(e.shape)} axes; the index {index!r} gives {len(idx)}")
+        for axis, (i, n) in enumerate(zip(idx, e.shape)):
+            if not -n <= i < n:
+                raise IndexError(f"index {i} is out of range for axis {axis} of {where}: valid are "
+                                 f"{-n}..{n - 1}")
+        return idx
 
     def resolve(self, label) -> Label:
         """A Label from a Label, "group:name", a unit "group[i]" or a name unique across inputs."""
@@ -110,16 +139,18 @@ class InteractionMap:
 
     def element_labels(self, name: str, index: tuple) -> set[Label]:
         e = self._entry(name)
+        index = self._index(e, index)
         dense = e.meets.dense(self.pool)
-        return {self.pool.labels[i] for i in self.pool.sets[int(dense[tuple(index)])]}
+        return {self.pool.labels[i] for i in self.pool.sets[int(dense[index])]}
 
     def key_of(self, name: str, index: tuple) -> tuple[set[Label], set[Label]]:
         """(nearest labels met, units aligned with) of one element."""
         e = self._entry(name)
         if e.key_meets is None:
             raise ValueError(f"this {self.source} map holds no keys")
-        m = int(e.key_meets.dense(self.pool)[tuple(index)])
-        a = int(e.key_aligned.dense(self.pool)[tuple(index)])
+        index = self._index(e, index)
+        m = int(e.key_meets.dense(self.pool)[index])
+        a = int(e.key_aligned.dense(self.pool)[index])
         return ({self.pool.labels[i] for i in self.pool.sets[m]}, {self.pool.labels[i] for i in self.pool.sets[a]})
 
     @property
