@@ -15,6 +15,7 @@ import copy
 import logging
 import math
 import operator
+import warnings
 
 import torch
 import torch.fx
@@ -35,6 +36,7 @@ _SHAPE_ARG = {  # overload packet -> index of the argument that is the output sh
 }
 _CREATES = {"zeros", "ones", "empty", "full", "rand", "randn", "new_zeros", "new_ones", "new_empty",
             "new_full", "empty_strided"}
+_LEAFSPEC = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 _NORMALISED_SHAPE = {"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"}
 
 
@@ -176,7 +178,11 @@ def build_graph_module(traced, r: Reach) -> tuple[torch.fx.GraphModule, dict]:
         new = torch.nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else value
         memo[id(t)] = new
         tied[id(t)] = new
-    gm = copy.deepcopy(old_gm, memo)
+    with warnings.catch_warnings():
+        # torch's own deprecation, raised inside its pytree code when a graph holding a
+        # LeafSpec is copied (not a use of ours): users of a pass would see it every time.
+        warnings.filterwarnings("ignore", message=_LEAFSPEC, category=FutureWarning)
+        gm = copy.deepcopy(old_gm, memo)
     graph = gm.graph
     old_nodes = {n.name: n for n in traced.graph.nodes}
     shapes = dict(r.node_shapes)
