@@ -31,16 +31,36 @@ class RuleRegistry:
         self._rules: dict[torch._ops.OpOverload, Rule] = {}
 
     def register(self, *ops, family: str):
-        """Decorator: `@register(aten.relu.default, aten.tanh.default, family="elementwise")`."""
+        """Decorator: `@register(aten.relu.default, aten.tanh.default, family="elementwise")`.
+        At least one operator: a registration for none (`register(*ops(...))` of names that
+        resolved to nothing) would leave the operators it meant on the fallback, silently."""
+        if not ops:
+            raise ValueError("register() was given no operator; pass the OpOverloads the rule is for, "
+                             "e.g. register(*ops(\"mylib::my_activation\"), family=...)")
+        for op in ops:
+            self._check_op(op)
+        if not isinstance(family, str) or not family:
+            raise TypeError(f"register(...): family must be a non-empty string, got {family!r}")
+
         def deco(fn):
+            if not callable(fn):
+                raise TypeError(f"register({', '.join(map(str, ops))}) decorates a rule function, got {fn!r}")
             for op in ops:
                 self.add(op, fn, family)
             return fn
         return deco
 
-    def add(self, op, fn, family: str) -> None:
+    @staticmethod
+    def _check_op(op) -> None:
+        if isinstance(op, torch._ops.OpOverloadPacket):
+            raise TypeError(f"rules are keyed by overload: {op} is an overload packet; register "
+                            f"{op}.default (or another of {op.overloads()})")
         if not isinstance(op, torch._ops.OpOverload):
-            raise TypeError(f"rules are keyed by ATen overload (aten.x.default), got {op!r}")
+            raise TypeError(f"rules are keyed by ATen overload (aten.x.default), got {op!r}"
+                            + ("; resolve names with fxsurgery.rules._ops.ops" if isinstance(op, str) else ""))
+
+    def add(self, op, fn, family: str) -> None:
+        self._check_op(op)
         if op in self._rules:
             raise ValueError(f"a label rule for {op} is already registered "
                              f"(family {self._rules[op].family!r}); refusing a second one")
