@@ -485,8 +485,10 @@ def test_pruning_units_under_a_softmax_is_reported():
     assert not p.preserves_function
     softmax = [i for i in p.issues if i.kind == "softmax"]
     assert softmax and "kept positions together with removed ones (fc[1, 3, 4])" in softmax[0].message, p.issues
-    p = plan_of(fs.passes.prune_units(tr, "fc", [0, 1, 2, 3, 4][::-1]))   # a reordering removes nothing
-    assert p.preserves_function and fs.verify(p).max <= TOL
+    # A reordering removes nothing, but fc's units are the output's columns: they move.
+    p = plan_of(fs.passes.prune_units(tr, "fc", [0, 1, 2, 3, 4][::-1]))
+    assert [i.kind for i in p.issues] == ["moved output"] and "0 -> 4" in p.issues[0].message, p.issues
+    assert not p.preserves_function and fs.verify(p).max <= TOL   # (verify compares by label)
 
 
 def test_a_raw_input_sharing_the_stream_with_units_is_refused():
@@ -571,10 +573,12 @@ def test_coupled_units_along_a_flattened_tokens_by_channels_axis_widen_together(
     m, inputs, feats = build(spec, seed=0)
     tr = fs.trace(m, inputs, feats)
     gm = fs.passes.widen(tr, "encoders.0.embedding", by=2)
-    check(gm)
+    p, v = check(gm, preserved=False)   # the flattened output's later tokens shift: reported
+    assert [(i.kind, i.where) for i in p.issues if i.blocking] == [("moved output", "output 1")], p.issues
+    assert v.max <= TOL                                                     # compared by label
     assert gm.state_dict()["encoders.1.embedding.weight"].shape[1] == 5      # dragged along
     p = plan_of(fs.passes.prune_units(tr, "encoders.0.embedding", [0, 2]))
-    assert [i.kind for i in p.issues] == ["output", "output"] and "loses" in p.issues[0].message
+    assert [i.kind for i in p.issues] == ["output", "moved output"] * 2 and "loses" in p.issues[0].message
     assert fs.verify(p).max <= TOL                                          # the kept positions
 
 
@@ -588,7 +592,9 @@ def test_a_raw_input_through_a_layer_across_tokens_is_reordered_by_name():
     m, inputs, feats = build(spec, seed=0)
     names = list(feats["x0"].names)
     gm = fs.passes.reorder_features(fs.trace(m, inputs, feats), "x0", [names[1], names[0], names[2]])
-    check(gm)
+    p, v = check(gm, preserved=False)   # ... and the output's channels are swapped: reported
+    assert [i.kind for i in p.issues] == ["moved output"] and "1 -> 0" in p.issues[0].message, p.issues
+    assert v.max <= TOL and v.outputs[0].by == "label"
 
 
 def test_a_raw_input_padded_into_a_stream_other_units_share_is_refused():

@@ -116,6 +116,40 @@ def test_verification_max_is_nan_whatever_the_order_of_outputs():
         assert math.isnan(v.max) and not v.ok()
 
 
+class Wider(nn.Module):
+    def __init__(self, h=4):
+        super().__init__()
+        self.fc1, self.head = nn.Linear(4, h), nn.Linear(h, 2)
+
+    def forward(self, obs):
+        return self.head(torch.tanh(self.fc1(obs)))
+
+
+@pytest.mark.parametrize("where", ["kept", "copied", "zeroed"])
+def test_non_finite_values_the_new_model_keeps_are_reported(where):
+    """A new unit's incoming weights keep the new model's values and its outgoing weights are
+    zeroed: preservation rests on 0 * value = 0, false for NaN. A NaN that the plan overwrites
+    (a copied or zeroed element) does not matter."""
+    torch.manual_seed(0)
+    old, new = Wider(4), Wider(5)
+    with torch.no_grad():
+        if where == "kept":
+            new.fc1.weight[4, 1] = float("nan")      # the new unit's incoming weight: kept
+        elif where == "copied":
+            new.fc1.weight[2, 1] = float("nan")      # an old unit's: copied over
+        else:
+            new.head.weight[0, 4] = float("nan")     # the new unit's outgoing weight: zeroed
+    p = planned(old, new, ABCD, ABCD)
+    bad = [i for i in p.issues if i.kind == "non-finite"]
+    if where != "kept":
+        assert not bad and p.preserves_function, [str(i) for i in p.issues]
+        return
+    assert [i.where for i in bad] == ["fc1.weight"] and "NaN" in bad[0].message
+    assert not p.preserves_function
+    p.apply()
+    assert not fs.verify(p).ok()                     # the claim would have been wrong
+
+
 # An operator without a label rule ------------------------------------------------------------
 
 @torch.library.custom_op("plan_claims::roll", mutates_args=())
@@ -221,3 +255,74 @@ def test_fallback_is_recorded_per_node():
         fs.interaction_map(t)
     found = fallbacks(t.graph)
     assert [(n, op) for n, op, _ in found] == [("roll", "plan_claims.roll.default")]
+
+
+# Output positions that move ------------------------------------------------------------------
+
+class Flat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, obs):
+        return (obs * self.scale).flatten(1)
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, obs):
+        return torch.cat([obs, self.fc(obs)], -1)
+
+
+def moved(p):
+    return [i for i in p.issues if i.kind == "moved output" and "positions moved" in i.message]
+
+
+def test_flattened_raw_features_reordered_move_the_output():
+    torch.manual_seed(0)
+    old, new = Flat(), Flat()
+    ot = fs.trace(old, (torch.randn(2, 3, 4),), features(ABCD))
+    nt = fs.trace(new, (torch.randn(2, 3, 4),), features(["b", "a", "c", "d"]))
+    p = fs.plan(ot, nt)
+    [issue] = moved(p)
+    assert issue.where == "output 0" and "0 -> 1" in issue.message and "1 -> 0" in issue.message, issue
+    assert not p.preserves_function
+    p.apply()
+    v = fs.verify(p)
+    assert v.outputs[0].by == "label" and "by label" in str(v) and "by label" in repr(v)
+    assert v.max <= 1e-6 and v.outputs[0].by_position > 0.1, str(v)   # by position, columns swapped
+
+
+def test_reordered_features_in_a_concatenated_output_move_it():
+    torch.manual_seed(0)
+    p = reorder(Concat(), (torch.randn(2, 4),), features(ABCD), ["b", "a", "c", "d"])
+    [issue] = moved(p)
+    assert "axis 1" in issue.message
+    assert not p.preserves_function
+
+
+def test_output_of_a_layer_that_absorbs_a_reordering_does_not_move():
+    torch.manual_seed(0)
+    old, new = Linear(4, 3), Linear(4, 3)
+    ot = fs.trace(old, (torch.randn(2, 4),), features(ABCD))
+    nt = fs.trace(new, (torch.randn(2, 4),), features(ABCD[::-1]))
+    p = fs.plan(ot, nt)                 # the columns of fc absorb the reordering
+    assert not moved(p) and p.preserves_function
+    p.apply()
+    v = fs.verify(p)
+    assert v.outputs[0].by == "position" and "by position" in str(v) and v.ok()
+
+
+def test_features_added_before_concatenated_positions_move_them():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = fs.trace(Concat(), (torch.randn(2, 4),), features(ABCD))
+        gm = fs.passes.add_features(t, "obs", ["e"])
+    p = gm.meta["fxsurgery"]["plan"]
+    assert any(i.kind == "new output" for i in p.issues)
+    [issue] = moved(p)                  # fc's outputs moved from columns 4, 5 to 5, 6
+    assert "4 -> 5" in issue.message and not p.preserves_function

@@ -17,13 +17,14 @@ from .match import match
 from .space import LabelSpace, describe
 
 __all__ = ["Issue", "graph_points", "output_keys", "check_points", "match_outputs", "removed_nonzero",
-           "unmatched", "fallback_points", "check_fallbacks"]
+           "unmatched", "fallback_points", "check_fallbacks", "kept_nonfinite"]
 
 
 @dataclass
 class Issue:
     kind: str       # "normalisation", "softmax", "reduction", "output", "removed input", "pruned units",
-    #                 "unmatched", "no rule" (an operator run through the sound fallback),
+    #                 "unmatched", "no rule" (an operator run through the sound fallback), "non-finite",
+    #                 "moved output" (old values computed at other indices of an output),
     #                 or "new output": an output (or positions of one) the old model has no value for.
     where: str      # node or parameter
     message: str
@@ -351,12 +352,39 @@ def match_outputs(space: LabelSpace, old_outputs, new_outputs) -> tuple[list, li
             labels = describe(m.removed_labels, space) or "unlabelled positions"
             issues.append(Issue("output", f"output {i}", f"loses {lost} elements ({labels}) that the new model no "
                                 "longer computes; the remaining positions are compared"))
+        moved = _moved(m)
+        if moved:
+            issues.append(Issue("moved output", f"output {i}", f"positions moved: {moved}; the old values are computed "
+                                "at other indices, so whatever reads this output by position sees other values "
+                                "(verify compares it by label)"))
         gained = _numel(ns) - m.n_copied()
         if gained:
             labels = describe(m.new_met, space) or "unlabelled positions"
             issues.append(Issue("new output", f"output {i}", f"gains {gained} elements ({labels}) that the old model "
                                 "has no value for; the old positions are preserved", blocking=False))
     return matches, issues
+
+
+def _moved(m, limit: int = 6) -> str:
+    """Which copied positions of an output sit at another index than in the old one, per
+    block of axes: "along axis 1, 0 -> 1, 1 -> 0" (old -> new). Empty if none moved."""
+    parts = []
+    for b in m.blocks:
+        gone = torch.nonzero(b.copied & ~b.stays()).reshape(-1)
+        if not gone.numel():
+            continue
+        old_at = b.index.index_select(0, gone)
+        if len(b.axes) == 1:
+            pairs = [f"{o} -> {n}" for o, n in zip(old_at.tolist(), gone.tolist())]
+            where = f"axis {b.axes[0]}"
+        else:
+            o_idx = torch.stack(torch.unravel_index(old_at, b.old_shape), 1).tolist()
+            n_idx = torch.stack(torch.unravel_index(gone, b.new_shape), 1).tolist()
+            pairs = [f"{tuple(o)} -> {tuple(n)}" for o, n in zip(o_idx, n_idx)]
+            where = f"axes {b.axes}"
+        more = f", ... ({len(pairs) - limit} more)" if len(pairs) > limit else ""
+        parts.append(f"along {where}, {', '.join(pairs[:limit])}{more}")
+    return "; ".join(parts)
 
 
 def _numel(shape) -> int:
@@ -394,6 +422,45 @@ def removed_nonzero(space: LabelSpace, name: str, m, old: torch.Tensor) -> Issue
                      "whatever these positions hold" if not math.isfinite(peak) else
                      f"the new model computes what the old one did only where "
                      f"{'these units are' if what == 'pruned units' else 'these inputs are'} zero"))
+
+
+def kept_nonfinite(name: str, m, new: torch.Tensor | None) -> Issue | None:
+    """A new parameter's elements kept with the new model's values (a new unit's incoming
+    weights, an unexplained re-initialisation) that are NaN or infinite. Preservation rests on
+    the zeros written next to them cancelling them (a new unit's outgoing weights), and NaN or
+    an infinity times zero is NaN. Rows of new categories are left out: only new categories
+    read them."""
+    if new is None or new.device.type == "meta" or not (new.dtype.is_floating_point or new.dtype.is_complex):
+        return None
+    with torch.no_grad():
+        if bool(torch.isfinite(new).all()):   # the common case: one pass, no mask
+            return None
+        if m.zero_all and not m.unexplained:
+            return None   # zeroed whole, or (a new category met throughout) read for new categories only
+        if m.unexplained:
+            view, kept = new, None   # re-initialised whole: every element keeps the new model's value
+        else:
+            from .apply import _block_view
+            view, _ = _block_view(new, m.blocks, "new_shape")
+            copied = torch.ones((), dtype=torch.bool) if m.copy else torch.zeros((), dtype=torch.bool)
+            other = torch.zeros((), dtype=torch.bool)
+            for d, b in enumerate(m.blocks):
+                shape = [1] * len(m.blocks)
+                shape[d] = b.n_new
+                copied = copied & b.copied.reshape(shape)
+                other = other | (b.zero | b.category).reshape(shape)
+            kept = ~copied & ~other
+        bad = ~torch.isfinite(view)
+        if kept is not None:
+            bad = bad & kept.to(bad.device)
+        n = int(bad.sum())
+        if not n:
+            return None
+        nan = bool((torch.isnan(view) & bad).any()) if kept is not None else bool(torch.isnan(view).any())
+    return Issue("non-finite", name, f"{n:,} of its elements kept with the new model's values "
+                 f"{'are' if n > 1 else 'is'} {'NaN' if nan else 'infinite'}: the zeros written next to them do not "
+                 "cancel them (NaN or an infinity times zero is NaN), function preservation is impossible here; "
+                 "initialise the new model with finite values")
 
 
 def _peak(t: torch.Tensor) -> float:

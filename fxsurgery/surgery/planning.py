@@ -18,7 +18,7 @@ from ..capture import Traced, trace
 from ..interaction_map import interaction_map
 from .apply import build, in_place_writes
 from .issues import (Issue, check_fallbacks, check_points, fallback_points, graph_points, match_outputs, output_keys,
-                     removed_nonzero, unmatched)
+                     kept_nonfinite, removed_nonzero, unmatched)
 from .match import Match, match
 from .splits import unit_splits
 from .space import LabelSpace, SurgeryError, SurgeryWarning, _listing, check_rename, rename_prefix
@@ -342,8 +342,12 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
     issues += check_fallbacks(space, old_fallbacks, new_fallbacks)
     outputs, out_issues = match_outputs(space, old_outputs, new_outputs)
     issues += out_issues
-    old_sd = old.model.state_dict()
+    old_sd, new_sd = old.model.state_dict(), new.model.state_dict()
     for p in params.values():
+        if p.in_graph and p.persistent:
+            issue = kept_nonfinite(p.name, p.match, new_sd.get(p.name))
+            if issue is not None:
+                issues.append(issue)
         if p.old_name is not None and p.in_graph:
             issue = removed_nonzero(space, p.old_name, p.match, old_sd.get(p.old_name))
             if issue is not None:

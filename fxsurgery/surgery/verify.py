@@ -86,16 +86,23 @@ class Verification:
         text = tabulate(rows, headers=["output", "old shape", "new shape", "compared", "compared by",
                                        "max |new-old|", "max |old|", "relative", "note"])
         text += f"\n\nlargest relative deviation over {self.trials} random inputs: {self.max:.3g}"
+        if self._how():
+            text += f" (compared {self._how()})"
         if self.notes:
             text += "\n" + "\n".join(f"- {n}" for n in self.notes)
         return text
 
-    def __repr__(self) -> str:
+    def _how(self) -> str:
+        """Which outputs were compared by label (positions matched through their labels) and
+        which by position."""
         by = {}
         for o in self.outputs:
             if o.compared:
                 by.setdefault(o.by, []).append(str(o.output) + (f" ({o.moved:,} positions moved)" if o.moved else ""))
-        how = "; ".join(f"by {k}: output{'s' if len(v) > 1 else ''} {', '.join(v)}" for k, v in sorted(by.items()))
+        return "; ".join(f"by {k}: output{'s' if len(v) > 1 else ''} {', '.join(v)}" for k, v in sorted(by.items()))
+
+    def __repr__(self) -> str:
+        how = self._how()
         return (f"Verification(max relative deviation {self.max:.3g} over {self.trials} trials, "
                 f"{len(self.outputs)} outputs" + (f"; compared {how}" if how else "") + ")")
 
