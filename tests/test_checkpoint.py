@@ -116,6 +116,14 @@ def test_bf16_in_bf16_out_and_the_default_init_is_the_modules_own(meta_plan, tmp
         torch.testing.assert_close(fresh(input_ids=ids).logits[..., :len(VOCAB)], old.model(input_ids=ids).logits)
 
 
+def test_initialising_only_the_new_rows_gives_what_initialising_the_module_gives(meta_plan, old_dir, tmp_path):
+    for rows in (True, False):
+        meta_plan.apply_to_checkpoint(old_dir, tmp_path / str(rows), init=_const_init, init_rows=rows)
+    a, b = _load_dir(tmp_path / "True"), _load_dir(tmp_path / "False")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert (a["model.layers.1.mlp.up_proj.weight"][OLD_UNITS:] == 0.5).all()
+
+
 def test_source_layouts_single_file_and_state_dict_give_the_same_checkpoint(meta_plan, old_dir, tmp_path):
     sd = _load_dir(old_dir)
     save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})

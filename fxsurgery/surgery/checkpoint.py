@@ -39,7 +39,7 @@ import torch
 
 from .apply import build, in_place_writes
 from .checkpoint_files import ShardWriter, Source, parse_size, shard_names, write_index
-from .checkpoint_init import ModuleInit, needs_init
+from .checkpoint_init import ModuleInit, Scratch, needs_init, rows_keeping_init
 from .planning import _aliases
 from .space import SurgeryError, _listing
 
@@ -71,7 +71,7 @@ class _Out:
 def apply_to_checkpoint(plan, src, dst, *, init: Callable[[torch.nn.Module], None] | None = None,
                         max_shard_size=None, dtype: torch.dtype | None = None,
                         progress: bool | Callable[[str, int, int], None] | None = None,
-                        overwrite: bool = False, strict: bool = True) -> Written:
+                        overwrite: bool = False, strict: bool = True, init_rows: bool | None = None) -> Written:
     """Carries the weights of the checkpoint `src` through `plan` into a new checkpoint
     directory `dst`, one tensor at a time. The models the plan was made from may be on the
     meta device; they are only read (structure, and the new model's initialisation).
@@ -95,6 +95,14 @@ def apply_to_checkpoint(plan, src, dst, *, init: Callable[[torch.nn.Module], Non
     progress: a tqdm bar (True; None: only when stderr is a terminal and tqdm is installed),
         none (False), or a callable(name, bytes done, bytes total) called after each tensor.
     strict: refuse a source holding tensors the old model does not have (False: ignore them).
+    init_rows: when the elements keeping the new model's values are whole rows of an nn.Linear
+        or nn.Embedding (new units, new tokens), initialise a copy of the module with just
+        those rows instead of the whole module: the same distribution for initialisations
+        that do not depend on the number of rows (torch's defaults, normal, uniform, kaiming
+        on fan_in), and much faster (random draws for a few rows, not the whole layer).
+        Default (None): when `init` is None (torch's reset_parameters) or a transformers
+        `_init_weights`; pass True to allow it for your init, False for one that depends on
+        the number of rows (xavier, orthogonal, fan_out).
 
     Returns a `Written`. Raises SurgeryError, naming the tensor and file, before writing
     anything when the checkpoint lacks a tensor the plan copies, holds one of another shape, or
@@ -109,7 +117,8 @@ def apply_to_checkpoint(plan, src, dst, *, init: Callable[[torch.nn.Module], Non
     names = shard_names(len(shards))
     total = sum(o.nbytes for o in outs)
     report, close_bar = _progress(progress, total)
-    values = ModuleInit(plan.new.model, init)
+    values, scratch = ModuleInit(plan.new.model, init), Scratch()
+    rows_ok = init_rows if init_rows is not None else (init is None or getattr(init, "__name__", "") == "_init_weights")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp's 0o700 would become dst's mode
@@ -121,7 +130,7 @@ def apply_to_checkpoint(plan, src, dst, *, init: Callable[[torch.nn.Module], Non
                 by_name = {o.name: o for o in shard}
                 for name in writer.order:
                     o = by_name[name]
-                    writer.write(name, _value(plan, o, source, values))
+                    writer.write(name, _value(plan, o, source, values, scratch, rows_ok))
                     done += o.nbytes
                     report(name, done, total)
                 writer.close()
@@ -265,18 +274,25 @@ def _split(outs: list[_Out], limit: int) -> list[list[_Out]]:
     return shards
 
 
-def _value(plan, o: _Out, source: Source, values: ModuleInit) -> torch.Tensor:
+def _value(plan, o: _Out, source: Source, values: ModuleInit, scratch: Scratch, rows_ok: bool) -> torch.Tensor:
     """The new tensor `o`, built from its old tensor and the new model's initial values as
-    SurgeryPlan.apply builds it, in o.dtype."""
+    SurgeryPlan.apply builds it, in o.dtype. It may live in `scratch`: write it out before
+    building the next one."""
     m, cats = o.plan.match, plan.new_categories
     old = source.read(o.source) if o.source is not None else None
     with torch.no_grad():
         if old is not None and m.identity:
             return old.to(o.dtype)
-        if needs_init(m, cats):
-            dest = values.values(o.name, o.dtype).clone()
+        rows = rows_keeping_init(m, cats) if rows_ok and values.rows_only(o.name) else None
+        if rows is not None:
+            # The rows that keep the new model's values get them; every other element is
+            # copied or zeroed below.
+            dest = scratch.tensor("dest", o.shape, o.dtype).zero_()
+            dest.index_copy_(0, rows, values.row_values(o.name, rows, o.dtype))
+        elif needs_init(m, cats):
+            dest = values.values(o.name, o.dtype)
         else:
-            dest = torch.zeros(o.shape, dtype=o.dtype)
+            dest = scratch.tensor("dest", o.shape, o.dtype).zero_()
         if tuple(dest.shape) != o.shape:   # a bug guard: never write a wrong shape
             raise SurgeryError(f"internal error: the initial value of {o.name} has shape {tuple(dest.shape)}, "
                                f"expected {o.shape}")

@@ -6,6 +6,15 @@ owns the parameter is materialised alone: a shallow copy with fresh CPU tensors 
 (no children), initialised by `init(module)` or its `reset_parameters` /
 `reset_running_stats`. Only its own tensors are ever allocated, so memory is bounded by the
 largest module, and the user's model is never touched (the copy's tensors are new objects).
+
+Rows only. Initialising a whole widened layer to keep a few hundred of its rows costs the
+random number generation of the whole layer (tens of millions of draws per MLP matrix; on a
+1B-parameter model more than copying every byte of the checkpoint). When the elements that
+keep the new model's values are whole rows of an nn.Linear or nn.Embedding (new units,
+new tokens: every other axis copied, nothing zeroed) and the initialisation of a row does not
+depend on how many rows there are (torch's defaults: kaiming on fan_in for Linear, normal for
+Embedding; transformers' `_init_weights`: normal), the copy is built with just those rows.
+`rows_only` says when that is allowed (see apply_to_checkpoint's init_rows).
 """
 from __future__ import annotations
 
@@ -18,7 +27,7 @@ from .apply import _zero_positions
 from .match import Match
 from .space import SurgeryError
 
-__all__ = ["needs_init", "ModuleInit"]
+__all__ = ["needs_init", "rows_keeping_init", "ModuleInit", "Scratch"]
 
 
 def needs_init(m: Match, new_categories: str) -> bool:
@@ -39,9 +48,42 @@ def needs_init(m: Match, new_categories: str) -> bool:
     return any(bool(((b.index < 0) & k).any()) for b, k in zip(m.blocks, kept))
 
 
-def _owner(model: torch.nn.Module, name: str) -> tuple[str, str]:
+def rows_keeping_init(m: Match, new_categories: str) -> torch.Tensor | None:
+    """The rows (positions along axis 0) that keep the new model's values, when those are
+    whole rows: every other axis copied throughout and nothing zeroed; else None."""
+    if m.unexplained or not m.copy or m.old_shape is None or not m.blocks or m.blocks[0].axes != (0,):
+        return None
+    if m.zero_all and not (m.category_all and new_categories != "zero"):
+        return None
+    zero = _zero_positions(m, new_categories)
+    if any(bool(z.any()) for z in zero):
+        return None
+    if any(bool((b.index < 0).any()) for b in m.blocks[1:]):
+        return None
+    rows = torch.nonzero(m.blocks[0].index < 0).reshape(-1)
+    return rows if rows.numel() else None
+
+
+def _owner(name: str) -> tuple[str, str]:
     prefix, _, leaf = name.rpartition(".")
     return prefix, leaf
+
+
+class Scratch:
+    """Reusable buffers, one per slot. A fresh tensor of a hundred megabytes costs its page
+    faults on first touch (several times a memcpy of it on a busy machine); a buffer written
+    for the previous tensor is already resident."""
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def tensor(self, slot: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        buf = self._buffers.get(slot)
+        if buf is None or buf.numel() < n:
+            self._buffers[slot] = None        # release the smaller one first
+            buf = self._buffers[slot] = torch.empty(max(n, 1), dtype=torch.uint8)
+        return buf[:n].view(dtype).view(tuple(shape))
 
 
 class ModuleInit:
@@ -54,8 +96,31 @@ class ModuleInit:
         self._prefix = None
         self._module = None
 
+    def rows_only(self, name: str) -> bool:
+        """Whether `name`'s rows may be initialised on a copy of its module with fewer rows."""
+        prefix, leaf = _owner(name)
+        module = self.model.get_submodule(prefix)
+        return type(module) in (torch.nn.Linear, torch.nn.Embedding) and leaf in ("weight", "bias")
+
+    def row_values(self, name: str, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The new model's initial values of rows `rows` of `name` (see rows_only): its module
+        copied with len(rows) rows and initialised."""
+        prefix, leaf = _owner(name)
+        module = self.model.get_submodule(prefix)
+        k = int(rows.numel())
+        shapes = {key: (k,) + tuple(v.shape[1:]) for key, v in module._parameters.items() if v is not None}
+        c = self._copy(module, dtype, shapes)
+        padding = getattr(module, "padding_idx", None)
+        if padding is not None:
+            c.padding_idx = None          # an index into the full table: zeroed below if it is new
+        self._initialise(c, module, prefix, name)
+        out = getattr(c, leaf).detach()
+        if padding is not None:
+            out[rows == padding] = 0
+        return out
+
     def values(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        prefix, leaf = _owner(self.model, name)
+        prefix, leaf = _owner(name)
         if self._prefix != (prefix, dtype):
             self._module = None          # release the previous module before allocating
             self._module = self._materialise(prefix, name, dtype)
@@ -70,11 +135,24 @@ class ModuleInit:
             module = self.model.get_submodule(prefix)
         except AttributeError:
             raise SurgeryError(f"the new model has no module {prefix!r} (owner of {name})") from None
+        c = self._copy(module, dtype)
+        self._initialise(c, module, prefix, name)
+        return c
+
+    @staticmethod
+    def _copy(module: torch.nn.Module, dtype: torch.dtype, shapes: dict | None = None) -> torch.nn.Module:
+        """A shallow copy of `module` without children, with fresh CPU tensors of its own
+        (of `shapes` where given)."""
+        shapes = shapes or {}
         c = copy.copy(module)
         c._modules = {}
-        c._parameters = {k: None if v is None else torch.nn.Parameter(_fresh(v, dtype), requires_grad=v.requires_grad)
+        c._parameters = {k: None if v is None else torch.nn.Parameter(_fresh(v, dtype, shapes.get(k)),
+                                                                       requires_grad=v.requires_grad)
                          for k, v in module._parameters.items()}
         c._buffers = {k: None if v is None else _fresh(v, dtype) for k, v in module._buffers.items()}
+        return c
+
+    def _initialise(self, c: torch.nn.Module, module: torch.nn.Module, prefix: str, name: str) -> None:
         what = f"the new model's module {prefix or '(root)'} ({type(module).__name__}), owner of {name}"
         with torch.no_grad():
             if self.init is not None:
@@ -83,7 +161,7 @@ class ModuleInit:
                 except Exception as e:
                     raise SurgeryError(f"init failed on {what}: {e!r}; it is called on a copy of that module "
                                        "alone, without its children") from e
-                return c
+                return
             methods = [getattr(c, m) for m in ("reset_parameters", "reset_running_stats") if callable(getattr(c, m, None))]
             if not methods:
                 raise SurgeryError(f"{what} has no reset_parameters to give the new elements of {name} their "
@@ -95,10 +173,10 @@ class ModuleInit:
             except Exception as e:
                 raise SurgeryError(f"{what}: {type(module).__name__}.reset_parameters failed on a copy of that "
                                    f"module alone ({e!r}); pass init=callable(module)") from e
-        return c
 
 
-def _fresh(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor like `t`, floating ones in `dtype` (the output's dtype:
-    initialising there is building the new model in that dtype)."""
-    return torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device="cpu")
+def _fresh(t: torch.Tensor, dtype: torch.dtype, shape=None) -> torch.Tensor:
+    """An uninitialised CPU tensor like `t` (of `shape` if given), floating ones in `dtype` (the
+    output's dtype: initialising there is building the new model in that dtype)."""
+    return torch.empty(t.shape if shape is None else shape, dtype=dtype if t.is_floating_point() else t.dtype,
+                       device="cpu")
