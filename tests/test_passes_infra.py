@@ -316,3 +316,86 @@ def _with_inputs(model, inputs, features):
     gm = exported(model, inputs)
     InteractionMapPass(inputs, features)(gm)
     return gm
+
+
+# the record of a chain of passes ------------------------------------------------------------------
+
+def test_a_chain_keeps_every_plan_in_order_and_plans_the_first_model_against_the_last():
+    model, inputs, features = setup(4)
+    first = fs.trace(model, inputs, features)
+    gm1 = fs.passes.add_features(first, "obs", ["armor"], at="mana")
+    gm2 = fs.passes.prune_units(gm1, "fc1", list(range(8))[::-1])   # every unit kept, in reverse
+    gm3 = fs.passes.widen(gm2, "fc1", by=2)
+    rec = gm3.meta["fxsurgery"]
+    assert isinstance(rec, fs.passes.PassRecord)
+    assert rec.changes == ["add_features('obs')", "prune_units('fc1')", "widen('fc1')"]
+    assert rec.plans == [gm1.meta["fxsurgery"].plan, gm2.meta["fxsurgery"].plan, rec.plan]
+    assert rec.plans[0].old is first and rec.first is first and rec.plans[-1].new is rec.traced
+    for p in rec.plans:
+        preserved(p)
+    whole = rec.composite()
+    assert whole.old is first and whole.new is rec.traced
+    assert whole.units == {"fc1": list(range(8))[::-1]}      # the reversal, through the widening
+    assert [str(l) for l in whole.new_labels if l.kind == "feature"] == ["obs:armor"]
+    preserved(whole)
+    # The composite matches each element as the chain moved it: applied to a re-initialised copy of
+    # the last module, it puts back the chain's weights (unit k of fc1 is the first model's unit
+    # 7 - k). Planned by position, the copy would compute the same function (hidden units may be
+    # permuted) with other weights: the units are what the composite adds.
+    sd = gm3.state_dict()
+    for units, same in ((whole.units, True), (None, False)):
+        fresh = copy.deepcopy(gm3)
+        with torch.no_grad():
+            for t in fresh.parameters():
+                t.normal_()
+        p = fs.plan(first, fs.trace(fresh, rec.inputs, rec.features), units=units)
+        p.apply()
+        assert fs.verify(p).max <= TOL
+        got = fresh.state_dict()
+        assert torch.equal(got["fc1.bias"][:8], sd["fc1.bias"][:8]) == same
+        assert torch.equal(got["fc2.weight"], sd["fc2.weight"]) == same
+
+
+def test_a_composite_the_planner_cannot_express_is_refused_naming_the_axis():
+    model, inputs, features = setup()
+    gm = fs.passes.widen(fs.trace(model, inputs, features), "fc1", size=10)
+    gm = fs.passes.prune_units(gm, "fc1", [9, 0, 1, 2, 3, 4, 5, 6, 7])   # a new unit before the old ones
+    with pytest.raises(PassError, match=r"hidden axis 'fc1' holds new units before surviving ones"):
+        gm.meta["fxsurgery"].composite()
+    preserved(gm.meta["fxsurgery"].plans[0])                 # each pass's plan still says what it did
+
+
+def test_a_single_pass_composite_is_its_plan_and_a_changed_module_starts_a_new_chain():
+    model, inputs, features = setup()
+    gm = fs.passes.widen(fs.trace(model, inputs, features), "fc1", by=2)
+    assert gm.meta["fxsurgery"].composite() is gm.meta["fxsurgery"].plan
+    relu = next(n for n in gm.graph.nodes if n.target == aten.relu.default)
+    relu.target = aten.tanh.default          # edited by hand: not what the record's plans describe
+    gm.recompile()
+    rec = fs.passes.widen(gm, "fc1", by=1).meta["fxsurgery"]
+    assert len(rec.plans) == 1 and rec.first.model is gm
+
+
+def test_the_record_reads_like_the_dict_it_replaces():
+    model, inputs, features = setup()
+    rec = fs.passes.widen(fs.trace(model, inputs, features), "fc1", by=2).meta["fxsurgery"]
+    assert rec["plan"] is rec.plan and rec["inputs"] is rec.inputs and "traced" in rec and "nope" not in rec
+    assert rec.get("batch").startswith("free") and rec.get("nope", 3) == 3
+    with pytest.raises(KeyError, match=r"no field 'nope'; its fields are \[.*'plan'"):
+        rec["nope"]
+
+
+def test_pass_classes_hold_their_functions():
+    from fxsurgery.passes.infra import REWRITE_PASSES, rewrite_pass
+    assert Widen.function is fs.passes.widen and REWRITE_PASSES["prune_units"] is PruneUnits
+    with pytest.raises(TypeError, match="expects the pass function itself"):
+        rewrite_pass("widen")
+
+    def widen_twice(model, group):
+        return fs.passes.widen(fs.passes.widen(model, group, by=1), group, by=1)
+
+    WidenTwice = rewrite_pass(widen_twice)
+    model, inputs, features = setup()
+    out = WidenTwice("fc1", inputs=inputs, features=features)(exported(model, inputs)).graph_module
+    assert out.state_dict()["fc1.weight"].shape == (10, 4)
+    assert len(out.meta["fxsurgery"].plans) == 2

@@ -9,8 +9,10 @@ with the old weights carried over by the surgery planner.
 The returned module is an ordinary `torch.fx.GraphModule`: it trains, saves and loads a
 state_dict under the old names, and it can be traced and changed again (it remembers its
 example inputs and features in `gm.meta`, so a pass accepts it directly). The plan is in
-`gm.meta["fxsurgery"]["plan"]`: its table, issues and `fs.verify(plan)` say what was carried
-over and whether the function is preserved. Nothing of the old model is written.
+`gm.meta["fxsurgery"].plan` (a `PassRecord`, also read as `gm.meta["fxsurgery"]["plan"]`): its
+table, issues and `fs.verify(plan)` say what was carried over and whether the function is
+preserved; after a chain of passes, `.plans` holds every pass's plan in order and
+`.composite()` plans the first model against the last. Nothing of the old model is written.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from ..surgery.planning import plan as make_plan
 from .batch import free_batch
 from .graph import build_graph_module, check_shapes
 from .reach import reach
+from .record import PassRecord
 from .sizing import SizingError
 
 __all__ = ["PassError", "as_traced", "fingerprint", "rewrite", "finish", "META"]
@@ -54,7 +57,7 @@ def as_traced(model, inputs=None, features=None) -> Traced:
         raise PassError(f"expected a traced model (fs.trace) or a torch.nn.Module, got {type(model).__name__}")
     meta = getattr(model, "meta", None)
     carried = meta.get(META) if isinstance(meta, dict) else None
-    if inputs is None and isinstance(carried, dict) and "inputs" in carried:
+    if inputs is None and isinstance(carried, (dict, PassRecord)) and "inputs" in carried:
         made = carried.get("traced")
         if isinstance(made, Traced) and made.model is model and features is None \
                 and carried.get("fingerprint") == fingerprint(model):
@@ -133,6 +136,13 @@ def finish(gm: torch.fx.GraphModule, traced: Traced, change: Change, shapes: dic
         new = trace(gm, inputs, change.descriptions)
     p = make_plan(traced, new, units=units or None, new_categories=change.new_categories)
     p.apply()
-    gm.meta[META] = {"plan": p, "inputs": inputs, "features": dict(change.descriptions), "reach": r,
-                     "what": change.what, "traced": new, "batch": batch, "fingerprint": fingerprint(gm)}
+    # The chain continues when this pass started from the unchanged output of an earlier one.
+    before = getattr(traced.model, "meta", None)
+    before = before.get(META) if isinstance(before, dict) else None
+    chained = isinstance(before, PassRecord) and before.traced is traced and before.first is not None
+    gm.meta[META] = PassRecord(plan=p, inputs=inputs, features=dict(change.descriptions), what=change.what,
+                               traced=new, batch=batch, fingerprint=fingerprint(gm), reach=r,
+                               plans=(before.plans if chained else []) + [p],
+                               changes=(before.changes if chained else []) + [change.what],
+                               first=before.first if chained else traced)
     return gm

@@ -6,7 +6,8 @@
                       Widen("fc1", by=8),                       # fs.passes.widen
                       my_own_pass])
     gm = pm(torch.fx.symbolic_trace(model)).graph_module
-    fs.verify(gm.meta["fxsurgery"]["plan"])                     # the last rewrite's plan
+    fs.verify(gm.meta["fxsurgery"].plan)                        # the last rewrite's plan
+    fs.verify(gm.meta["fxsurgery"].composite())                 # the pipeline's first model vs its last
 
 Every pass is a `PassBase`: called on a GraphModule it returns a `PassResult`. The analysis
 leaves the graph as it is (`modified=False`) and writes per node:
@@ -37,7 +38,6 @@ pipeline started from, which an earlier rewrite may have changed (new inputs' sh
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 import warnings
 from typing import Callable
@@ -52,6 +52,9 @@ from ..interaction_map import InteractionMap, interaction_map
 from ..label_tensor import LabelTensor
 from ..propagate import META_KEY
 from .core import META, PassError, as_traced
+from .record import PassRecord
+from .resize import add_categories, add_features, prune_units, remove_features, reorder_features, widen
+from .structure import add_heads, insert_identity_layer
 
 __all__ = ["InteractionMapPass", "RewritePass", "rewrite_pass", "REWRITE_PASSES", "AddFeatures",
            "RemoveFeatures", "ReorderFeatures", "AddCategories", "Widen", "PruneUnits", "InsertIdentityLayer",
@@ -91,7 +94,7 @@ def traced_source(gm: torch.nn.Module, inputs=None, features=None, what: str = "
                         f"{type(gm).__name__}")
     meta = getattr(gm, "meta", None)
     carried = meta.get(META) if isinstance(meta, dict) else None
-    if isinstance(carried, dict) and "inputs" in carried:
+    if isinstance(carried, (dict, PassRecord)) and "inputs" in carried:
         return as_traced(gm)     # the pass's own inputs first; its trace while unchanged
     recorded = _recorded_inputs(gm)
     if recorded is not None:
@@ -310,25 +313,21 @@ class InteractionMapPass(PassBase):
 
 # --- the rewrites ------------------------------------------------------------------------------
 
-def _function(name: str) -> Callable:
-    package = importlib.import_module("fxsurgery.passes")
-    fn = getattr(package, name, None)
-    if fn is None:
-        raise PassError(f"fs.passes.{name} does not exist in this version of fxsurgery")
-    return fn
-
-
 class RewritePass(PassBase):
-    """A rewriting pass of `fs.passes` as a `PassBase`. Subclasses name the function; the
-    constructor takes its arguments after the model (checked against its signature at once),
-    plus `inputs=`/`features=` for a GraphModule that carries none (see the module docstring).
+    """A rewriting pass of `fs.passes` as a `PassBase`. Subclasses hold the function (see
+    `rewrite_pass`); the constructor takes its arguments after the model (checked against its
+    signature at once), plus `inputs=`/`features=` for a GraphModule that carries none (see the
+    module docstring).
 
-    After a call: `.result` (the new GraphModule) and `.plan` (its SurgeryPlan)."""
+    After a call: `.result` (the new GraphModule), `.plan` (its SurgeryPlan) and `.record`
+    (its PassRecord: every plan of the chain, and the composite plan)."""
 
-    function: str = ""
+    function: Callable | None = None     # the fs.passes function (a staticmethod)
 
     def __init__(self, *args, inputs=None, features=None, **kwargs):
-        fn = _function(self.function)
+        fn = type(self).function
+        if fn is None:
+            raise TypeError(f"{type(self).__name__} is not a rewrite; make pass classes with rewrite_pass(function)")
         try:
             inspect.signature(fn).bind(None, *args, **kwargs)
         except TypeError as err:
@@ -338,18 +337,22 @@ class RewritePass(PassBase):
         self.result: torch.fx.GraphModule | None = None
 
     @property
+    def record(self) -> PassRecord | None:
+        return self.result.meta.get(META) if self.result is not None else None
+
+    @property
     def plan(self):
-        return self.result.meta[META]["plan"] if self.result is not None else None
+        return self.record.plan if self.record is not None else None
 
     def call(self, graph_module: torch.nn.Module) -> PassResult:
         source = traced_source(graph_module, self.inputs, self.features, type(self).__name__)
-        new = _function(self.function)(source, *self.args, **self.kwargs)
+        new = type(self).function(source, *self.args, **self.kwargs)
         # The summaries of an earlier analysis describe the old graph: never leave them behind.
         for node in new.graph.nodes:
             node.meta.pop(LABELS, None)
             node.meta.pop(KEY_LABELS, None)
-        carried = new.meta.get(META, {})
-        made = carried.get("traced")
+        carried = new.meta.get(META)
+        made = carried.get("traced") if carried is not None else None
         if isinstance(made, Traced) and made.model is new:
             _record_inputs(new, made, match_nodes(new, made)[0])
         self.result = new
@@ -365,26 +368,29 @@ def _signature(fn) -> str:
     return str(inspect.Signature(params))
 
 
-def rewrite_pass(function: str, name: str | None = None) -> type[RewritePass]:
-    """The pass class of `fs.passes.<function>`: `rewrite_pass("widen")` is `Widen`, whose
+def rewrite_pass(function: Callable, name: str | None = None) -> type[RewritePass]:
+    """The pass class of a rewriting function (`fs.passes.widen`, or one of your own taking the
+    model first and returning a GraphModule): `rewrite_pass(widen)` is `Widen`, whose
     constructor takes widen's arguments after the model."""
-    name = name or "".join(part.title() for part in function.split("_"))
-    doc = (f"`fs.passes.{function}` as a torch.fx pass: `{name}(<the arguments of {function} after the "
-           f"model>, inputs=None, features=None)`; `call(gm)` returns `PassResult(new_gm, True)`. "
-           "See RewritePass.")
-    cls = type(name, (RewritePass,), {"function": function, "__doc__": doc, "__module__": __name__})
+    if not callable(function) or not hasattr(function, "__name__"):
+        raise TypeError(f"rewrite_pass expects the pass function itself (e.g. fs.passes.widen), got {function!r}")
+    fname = function.__name__
+    name = name or "".join(part.title() for part in fname.split("_"))
+    doc = (f"`{fname}` as a torch.fx pass: `{name}{_signature(function)}` (the arguments of {fname} after "
+           "the model); `call(gm)` returns `PassResult(new_gm, True)`. See RewritePass.")
+    cls = type(name, (RewritePass,), {"function": staticmethod(function), "__doc__": doc, "__module__": __name__})
     cls.__qualname__ = name
-    REWRITE_PASSES[function] = cls
+    REWRITE_PASSES[fname] = cls
     return cls
 
 
 REWRITE_PASSES: dict[str, type[RewritePass]] = {}   # fs.passes function name -> its pass class
 
-AddFeatures = rewrite_pass("add_features")
-RemoveFeatures = rewrite_pass("remove_features")
-ReorderFeatures = rewrite_pass("reorder_features")
-AddCategories = rewrite_pass("add_categories")
-Widen = rewrite_pass("widen")
-PruneUnits = rewrite_pass("prune_units")
-InsertIdentityLayer = rewrite_pass("insert_identity_layer")
-AddHeads = rewrite_pass("add_heads")
+AddFeatures = rewrite_pass(add_features)
+RemoveFeatures = rewrite_pass(remove_features)
+ReorderFeatures = rewrite_pass(reorder_features)
+AddCategories = rewrite_pass(add_categories)
+Widen = rewrite_pass(widen)
+PruneUnits = rewrite_pass(prune_units)
+InsertIdentityLayer = rewrite_pass(insert_identity_layer)
+AddHeads = rewrite_pass(add_heads)
