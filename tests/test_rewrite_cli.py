@@ -245,3 +245,20 @@ def test_the_structural_changes(tmp_path, capsys):
     assert state["q.weight"].shape == (16, 8) and torch.count_nonzero(state["o.weight"][:, 8:]) == 0
     assert main(["rewrite", "test_rewrite_cli:attention", "--add-heads", "q=x", "-o", str(tmp_path / "x.pt")]) == 2
     assert "the number of heads 'x' is not an integer" in capsys.readouterr().err
+
+
+def test_no_output_is_an_input_or_the_other_output(tmp_path, capsys):
+    old, _ = checkpoint(tmp_path)
+    feats = tmp_path / "features.json"
+    feats.write_text(json.dumps({"obs": OBS}))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    base = ["rewrite", "test_rewrite_cli:mlp", "--weights", str(old), "--widen", "fc1=9", "--quiet"]
+    for extra, message in ((["-o", str(old)], "is the checkpoint (--weights)"),
+                           (["-o", str(tmp_path / "n.pt"), "--features", str(feats), "--features-out", str(feats)],
+                            "is the features file (--features)"),
+                           (["-o", str(tmp_path / "n.pt"), "--features-out", str(tmp_path / "n.pt")],
+                            "is also the new checkpoint (-o)")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -169,3 +169,25 @@ def test_bad_arguments(tmp_path, capsys):
     assert "the new model has no parameter or module named 'nothing'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["transplant", "--old", "test_surgery_cli:old_mlp", "--new", "test_surgery_cli:new_mlp"])
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_work(tmp_path, capsys):
+    path, _ = _checkpoint(tmp_path)
+    base = ["transplant", "--old", "test_surgery_cli:old_mlp", "--new", "test_surgery_cli:new_mlp",
+            "--old-weights", str(path), "-o"]
+    assert main(base + [str(tmp_path / "missing_dir" / "x.pt")]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "folder" in lines[0] and "missing_dir" in lines[0], captured.err
+    assert captured.out == "" and not (tmp_path / "missing_dir").exists()    # nothing built, applied or printed
+    assert main(base + [str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_the_output_is_never_the_old_checkpoint(tmp_path, capsys):
+    path, _ = _checkpoint(tmp_path)
+    before = path.read_bytes()
+    assert main(["transplant", "--old", "test_surgery_cli:old_mlp", "--new", "test_surgery_cli:new_mlp",
+                 "--old-weights", str(path), "-o", str(tmp_path / "." / "old.pt"), "--quiet"]) == 2
+    assert "is the old checkpoint (--old-weights)" in capsys.readouterr().err
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["old.pt"]
