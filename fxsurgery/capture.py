@@ -8,7 +8,9 @@ weight.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
@@ -19,7 +21,7 @@ from torch.export.graph_signature import InputKind
 
 from .labels import Categories, Features
 
-__all__ = ["Traced", "trace", "CaptureError", "InputError", "wrapped_call"]
+__all__ = ["Traced", "trace", "CaptureError", "InputError", "wrapped_call", "config_overrides"]
 
 # Higher-order operators that torch.export (non-strict) emits around a region run under a
 # different grad mode (`torch.no_grad()`, as Hugging Face rotary embeddings are) or autocast
@@ -51,6 +53,8 @@ class Traced:
     placeholders: dict[str, tuple[str, str]] = field(default_factory=dict)  # placeholder -> (kind, state name)
     aliases: dict[str, list[str]] = field(default_factory=dict)             # state name -> tied names
     keywords: bool = False              # the inputs are passed by name (see trace)
+    config: dict = field(default_factory=dict)   # model.config attributes set during capture and calls
+    notes: list = field(default_factory=list)    # what the capture did that the user should know
 
     @property
     def graph_module(self) -> torch.fx.GraphModule:
@@ -62,10 +66,12 @@ class Traced:
 
     def call(self, model: torch.nn.Module, args):
         """Runs `model` (this one, or another traced the same way) on inputs given in the
-        order of `input_names`, passing them the way the capture did."""
-        if self.keywords:
-            return model(**dict(zip(self.input_names, args)))
-        return model(*args)
+        order of `input_names`, passing them the way the capture did (with the same
+        configuration switches, see `config`)."""
+        with config_overrides(model, self.config):
+            if self.keywords:
+                return model(**dict(zip(self.input_names, args)))
+            return model(*args)
 
     def canonical(self, name: str) -> str:
         """The one name a group of tied parameters is known by (the first state_dict name)."""
@@ -89,6 +95,40 @@ class Traced:
         n = sum(1 for n in self.graph.nodes if n.op == "call_function")
         return (f"Traced({type(self.model).__name__}, inputs={self.input_names}, "
                 f"{n} operators, {len(self.state_shapes())} parameters and buffers)")
+
+
+@contextlib.contextmanager
+def config_overrides(model: torch.nn.Module, overrides: Mapping[str, Any]):
+    """Sets attributes of `model.config` for the duration of the block and restores them,
+    even when the block fails. A model without a `config` (or that lacks them) is left alone."""
+    config = getattr(model, "config", None)
+    saved = {k: getattr(config, k) for k in overrides if config is not None and hasattr(config, k)}
+    try:
+        for k in saved:
+            setattr(config, k, overrides[k])
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(config, k, v)
+
+
+def _capture_switches(model: torch.nn.Module) -> tuple[dict, list[str]]:
+    """Configuration to switch off for the capture, and why. A Hugging Face model with its
+    default `use_cache=True` returns a key/value cache object that torch.export cannot
+    flatten ("Found DynamicCache in output"); the cache changes no output the analysis reads,
+    so it is off while the model is captured and whenever the Traced runs it."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "use_cache", False):
+        return {}, []
+    try:
+        accepts = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    if not accepts:
+        return {}, []
+    return {"use_cache": False}, [f"{type(model).__name__}: config.use_cache was switched off for the capture "
+                                  "and for every run of the traced model (a key/value cache cannot be captured); "
+                                  "the model's configuration is left as it was"]
 
 
 def wrapped_call(target, args) -> tuple | None:
@@ -154,6 +194,94 @@ def _check_description(name: str, desc, val: torch.Tensor) -> None:
                          f"got {type(desc).__name__}")
 
 
+# Operators that pass an index input's values on unchanged (moved, selected, reshaped, cast):
+# the categories reach whatever their output indexes.
+_KEEPS_VALUES = {"view", "_unsafe_view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "slice",
+                 "select", "expand", "expand_as", "permute", "transpose", "t", "contiguous", "clone", "alias",
+                 "detach", "to", "_to_copy", "type_as", "narrow", "repeat", "repeat_interleave", "flip", "roll",
+                 "split", "split_with_sizes", "chunk", "unbind", "getitem", "movedim", "lift_fresh_copy"}
+# Operators that look a table up by an index: packet -> (table argument, index argument, the
+# argument that holds the indexed axis, or None for axis 0).
+_LOOKUPS = {"embedding": (0, 1, None), "embedding_bag": (0, 1, None), "_embedding_bag": (0, 1, None),
+            "_embedding_bag_forward_only": (0, 1, None), "index_select": (0, 2, 1), "gather": (0, 2, 1),
+            "take_along_dim": (0, 1, 2)}
+
+
+def _packet_name(node) -> str:
+    target = node.target
+    if target is operator.getitem:
+        return "getitem"
+    return getattr(getattr(target, "overloadpacket", None), "__name__", getattr(target, "__name__", ""))
+
+
+def _tables(graph: torch.fx.Graph, start: str, placeholders: dict) -> list[tuple[str, int, str]]:
+    """Every table that the values of input node `start` index: (what, rows, node name), where
+    `what` names the parameter or buffer (or the node, for a computed table or a one_hot)."""
+    nodes = {n.name: n for n in graph.nodes}
+    todo, seen, found = [nodes[start]], {start}, []
+
+    def size(node, axis):
+        val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+        if not isinstance(val, torch.Tensor) or not isinstance(axis, int) or not -val.dim() <= axis < max(val.dim(), 1):
+            return None
+        return int(val.shape[axis])
+
+    def name_of(node):
+        kind, target = placeholders.get(node.name, (None, None))
+        return f"{kind} {target!r}" if kind in ("parameter", "buffer", "constant") else f"node %{node.name}"
+
+    while todo:
+        value = todo.pop()
+        for user in value.users:
+            packet = _packet_name(user)
+            args = list(user.args)
+            if packet in _LOOKUPS:
+                t, i, at = _LOOKUPS[packet]
+                if len(args) > i and args[i] is value:
+                    axis = 0 if at is None else (args[at] if len(args) > at else user.kwargs.get("dim"))
+                    rows = size(args[t], axis)
+                    if rows is not None:
+                        found.append((name_of(args[t]), rows, user.name))
+                    continue
+            if packet == "index" and len(args) > 1 and isinstance(args[1], (list, tuple)) and value in args[1]:
+                rows = size(args[0], list(args[1]).index(value))
+                if rows is not None:
+                    found.append((name_of(args[0]), rows, user.name))
+                continue
+            if packet == "one_hot" and args and args[0] is value:
+                rows = size(user, -1)
+                if rows is not None:
+                    found.append(("a one_hot", rows, user.name))
+                continue
+            if packet in _KEEPS_VALUES and args and (args[0] is value or packet == "getitem") \
+                    and user.name not in seen:
+                seen.add(user.name)
+                todo.append(user)
+    return found
+
+
+def _check_categories(name: str, desc: Categories, example: torch.Tensor, tables: list) -> None:
+    """The categories must name every row of each table the input indexes, and no more; and the
+    example's values must be categories."""
+    n = len(desc)
+    wrong = [(what, rows, node) for what, rows, node in tables if rows != n]
+    if wrong:
+        listed = "; ".join(f"{what} (at node %{node}) has {rows} rows" for what, rows, node in wrong)
+        rows = wrong[0][1]
+        fix = (f"name all {rows} rows (unused ones too: '<unused{n}>', ...)" if rows > n
+               else f"name only the {rows} rows there are")
+        raise InputError(f"input {name!r} is described by {n} categories, but it indexes tables of another "
+                         f"size: {listed}. A category is a row of every table its input indexes (rows without "
+                         f"a category would meet no label, and a value past the last row would not exist); "
+                         f"{fix}")
+    if example.device.type != "meta" and example.numel():
+        lo, hi = int(example.min()), int(example.max())
+        if lo < 0 or hi >= n:
+            bad = lo if lo < 0 else hi
+            raise InputError(f"input {name!r} holds the value {bad}, but its {n} categories are the values "
+                             f"0..{n - 1}: describe every value the input takes")
+
+
 def _export_hint(err: Exception) -> str:
     text = str(err)
     if "data-dependent" in text or "GuardOnDataDependentSymNode" in type(err).__name__:
@@ -189,7 +317,8 @@ def trace(model: torch.nn.Module, example_inputs, features: Optional[Mapping[str
     features = dict(features or {})
     keywords = given_names is not None and _by_keyword(model, given_names)
 
-    with warnings.catch_warnings():
+    switches, notes = _capture_switches(model)
+    with warnings.catch_warnings(), config_overrides(model, switches):
         # nn.LSTM/GRU warn about their flat weights being non-contiguous under export.
         warnings.filterwarnings("ignore", message=".*_flat_weights.*")
         try:
@@ -229,8 +358,11 @@ def trace(model: torch.nn.Module, example_inputs, features: Optional[Mapping[str
         raise InputError(f"features describe {unknown}, which {'is' if len(unknown) == 1 else 'are'} "
                          f"not an input of {type(model).__name__}; its tensor inputs are {input_names}")
     vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
-    for name, node in zip(input_names, input_nodes):
-        _check_description(name, features.get(name), vals[node])
+    for name, node, example in zip(input_names, input_nodes, args):
+        desc = features.get(name)
+        _check_description(name, desc, vals[node])
+        if isinstance(desc, Categories):
+            _check_categories(name, desc, example, _tables(program.graph, node, placeholders))
 
     # Tied parameters are lifted once; remember every state_dict name that shares the tensor.
     by_id: dict[int, list[str]] = {}
@@ -241,4 +373,4 @@ def trace(model: torch.nn.Module, example_inputs, features: Optional[Mapping[str
 
     return Traced(model=model, program=program, inputs=args, input_names=input_names, input_nodes=input_nodes,
                   descriptions={n: features.get(n) for n in input_names},
-                  placeholders=placeholders, aliases=aliases, keywords=keywords)
+                  placeholders=placeholders, aliases=aliases, keywords=keywords, config=switches, notes=notes)

@@ -147,3 +147,112 @@ def test_unknown_label_and_parameter_names_are_explained():
         imap.params_for("zz")
     with pytest.raises(KeyError, match="no parameter or buffer named 'fc.nope'"):
         imap.labels_of("fc.nope")
+
+
+# categories against the tables they index ---------------------------------------------------------
+
+class Lookups(nn.Module):
+    """An index input reaching a table the way `how` says (through a reshape, a slice...)."""
+
+    def __init__(self, how, rows=10):
+        super().__init__()
+        self.how = how
+        self.emb = nn.Embedding(rows, 4)
+        self.table = nn.Parameter(torch.randn(rows, 4))
+
+    def forward(self, tok):
+        if self.how == "embedding":
+            return self.emb(tok.reshape(-1))
+        if self.how == "index_select":
+            return torch.index_select(self.table, 0, tok[:, 0])
+        if self.how == "gather":
+            return torch.gather(self.table, 0, tok[:, :1].expand(-1, 4))
+        if self.how == "index":
+            return self.table[tok.flatten()]
+        return nn.functional.one_hot(tok, 10).float()
+
+
+@pytest.mark.parametrize("how, table", [("embedding", "parameter 'emb.weight'"), ("index_select", "parameter 'table'"),
+                                        ("gather", "parameter 'table'"), ("index", "parameter 'table'"),
+                                        ("one_hot", "a one_hot")])
+@pytest.mark.parametrize("n", [5, 12])
+def test_categories_fewer_or_more_than_the_rows_of_a_table_they_index(how, table, n):
+    tok = torch.tensor([[1, 9], [3, 4]])
+    with pytest.raises(fs.InputError, match=rf"input 'tok' is described by {n} categories, but it indexes tables "
+                                            rf"of another size: {table} \(at node %\w+\) has 10 rows"):
+        fs.trace(Lookups(how), (tok,), {"tok": fs.Categories([f"c{i}" for i in range(n)])})
+    fs.trace(Lookups(how), (tok,), {"tok": fs.Categories([f"c{i}" for i in range(10)])})   # one per row: fine
+
+
+def test_every_table_an_input_indexes_is_checked():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Embedding(6, 3), nn.Embedding(8, 3)
+
+        def forward(self, tok):
+            return self.a(tok) + self.b(tok)
+
+    with pytest.raises(fs.InputError, match=r"8 categories, .* parameter 'a.weight' \(at node %embedding\) has 6 rows"):
+        fs.trace(Two(), (torch.tensor([[1, 2]]),), {"tok": fs.Categories([f"c{i}" for i in range(8)])})
+
+
+def test_an_example_value_that_is_no_category():
+    class Mod(nn.Module):    # the remainder hides the table from the check: the values are checked
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 3)
+
+        def forward(self, tok):
+            return self.emb(tok % 10)
+
+    with pytest.raises(fs.InputError, match=r"input 'tok' holds the value 12, but its 10 categories are the values 0..9"):
+        fs.trace(Mod(), (torch.tensor([[1, 12]]),), {"tok": fs.Categories([f"c{i}" for i in range(10)])})
+
+
+# Hugging Face models with their default configuration ----------------------------------------------
+
+def _default_config_model(arch: str):
+    """A tiny model built from a configuration left at its default use_cache=True."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        config = transformers.GPT2Config(vocab_size=20, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+        model = transformers.LlamaForCausalLM(config)
+    assert model.config.use_cache is True
+    inputs = {"input_ids": torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))}
+    return model.eval(), inputs, {"input_ids": fs.Categories([f"t{i}" for i in range(20)])}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_hugging_face_model_with_its_default_cache_is_captured_and_left_as_it_was(arch):
+    model, inputs, features = _default_config_model(arch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = fs.trace(model, inputs, features)
+    assert model.config.use_cache is True                        # the user's configuration is unchanged
+    assert [n for n in traced.notes if "use_cache was switched off" in n], traced.notes
+    assert not [w for w in caught if "cache" in str(w.message).lower()]   # said once, in the notes
+    out = traced.call(model, list(traced.inputs))                # runs as it was captured: no cache object
+    assert getattr(out, "past_key_values", None) is None and model.config.use_cache is True
+    assert "lm_head.weight" in fs.interaction_map(traced).names or "transformer.wte.weight" in traced.state_shapes()
+
+
+def test_the_cache_setting_is_restored_when_the_capture_fails():
+    model, inputs, features = _default_config_model("gpt2")
+    with pytest.raises(fs.CaptureError):
+        fs.trace(model, {"input_ids": inputs["input_ids"].float()})   # an embedding of floats: export fails
+    assert model.config.use_cache is True
+
+
+def test_a_pass_on_a_hugging_face_model_with_its_default_cache():
+    model, inputs, features = _default_config_model("gpt2")
+    gm = fs.passes.add_categories(fs.trace(model, inputs, features), "input_ids", ["<new>"])
+    p = gm.meta["fxsurgery"].plan
+    assert p.preserves_function and fs.verify(p).max <= 1e-5
+    assert model.config.use_cache is True
