@@ -124,6 +124,14 @@ def test_initialising_only_the_new_rows_gives_what_initialising_the_module_gives
     assert (a["model.layers.1.mlp.up_proj.weight"][OLD_UNITS:] == 0.5).all()
 
 
+def test_dtype_converts_one_tensor_at_a_time(meta_plan, old_dir, tmp_path):
+    meta_plan.apply_to_checkpoint(old_dir, tmp_path / "f32", init=_const_init)
+    meta_plan.apply_to_checkpoint(old_dir, tmp_path / "bf16", init=_const_init, dtype=torch.bfloat16)
+    a, b = _load_dir(tmp_path / "f32"), _load_dir(tmp_path / "bf16")
+    assert {t.dtype for t in a.values()} == {torch.float32} and {t.dtype for t in b.values()} == {torch.bfloat16}
+    assert all(torch.equal(a[k].to(torch.bfloat16), b[k]) for k in a)
+
+
 def test_source_layouts_single_file_and_state_dict_give_the_same_checkpoint(meta_plan, old_dir, tmp_path):
     sd = _load_dir(old_dir)
     save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})

@@ -284,15 +284,16 @@ def _value(plan, o: _Out, source: Source, values: ModuleInit, scratch: Scratch, 
         if old is not None and m.identity:
             return old.to(o.dtype)
         rows = rows_keeping_init(m, cats) if rows_ok and values.rows_only(o.name) else None
+        # Every element of `dest` that is not copied or zeroed below keeps its value: the
+        # new model's, put there first. The scratch buffer holds the previous tensor's values
+        # elsewhere, and needs no clearing: those elements are all overwritten.
         if rows is not None:
-            # The rows that keep the new model's values get them; every other element is
-            # copied or zeroed below.
-            dest = scratch.tensor("dest", o.shape, o.dtype).zero_()
+            dest = scratch.tensor("dest", o.shape, o.dtype)
             dest.index_copy_(0, rows, values.row_values(o.name, rows, o.dtype))
         elif needs_init(m, cats):
             dest = values.values(o.name, o.dtype)
         else:
-            dest = scratch.tensor("dest", o.shape, o.dtype).zero_()
+            dest = scratch.tensor("dest", o.shape, o.dtype)
         if tuple(dest.shape) != o.shape:   # a bug guard: never write a wrong shape
             raise SurgeryError(f"internal error: the initial value of {o.name} has shape {tuple(dest.shape)}, "
                                f"expected {o.shape}")

@@ -1,0 +1,231 @@
+"""Streaming surgery of a checkpoint larger than one would like to hold twice, against copying it.
+
+    python benchmarks/bench_streaming.py [--layers 22] [--shard-size 1GB] [--repeat 2] [--dir /tmp]
+
+A Llama-shaped bf16 checkpoint (TinyLlama-1.1B's shape by default: hidden 2048, MLP 5632,
+22 layers, 32 query / 4 key-value heads, vocabulary 32000, untied output; random weights) is
+generated into a temporary directory, shard by shard (one shard in memory at a time), as
+transformers lays it out (`model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`).
+The surgery: 8 tokens added, the MLP widened 5632 -> 6144 units, planned on meta-device models.
+
+Measured side by side, each run in a child process of its own (its peak resident memory is the
+child's own ru_maxrss), alternating, median of --repeat runs:
+
+  copy     the baseline: every shard loaded with `safetensors.torch.load_file` and written with
+           `save_file`, one shard at a time: what carrying the bytes over costs.
+  stream   building the two models on the meta device, tracing and planning (timed apart:
+           "plan"), then `plan.apply_to_checkpoint(src, dst)` (timed: "stream"), tqdm off.
+
+Then the ratio stream / copy (target <= 2) and stream peak RSS against the largest shard + 1 GB
+(the target). A last child checks the result: the new checkpoint loads strictly into the new
+model (tensors assigned memory-mapped, so the check holds no extra copy), and on old tokens
+its logits over the old vocabulary match the old model's. Files are synced to disk before each
+timed child, and everything written is deleted at the end.
+"""
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GB = 1e9
+
+
+def config(layers: int, vocab: int = 32000, intermediate: int = 5632):
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=vocab, hidden_size=2048, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=4, head_dim=64, max_position_embeddings=2048,
+                       tie_word_embeddings=False, use_cache=False, attn_implementation="eager")
+
+
+OLD_VOCAB, NEW_VOCAB = 32000, 32008
+OLD_UNITS, NEW_UNITS = 5632, 6144
+
+
+def peak_rss() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+
+
+# children ------------------------------------------------------------------------------
+def child_generate(args) -> dict:
+    """Random bf16 weights, written shard by shard: at most one shard's tensors in memory."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config(args.layers))
+    limit = _size(args.shard_size)
+    shards, size = [[]], 0
+    for name, t in model.state_dict().items():
+        n = t.numel() * 2
+        if shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, tuple(t.shape)))
+        size += n
+    out = Path(args.path)
+    g = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for name, shape in shard:
+            if name.endswith("norm.weight"):
+                tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                tensors[name] = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+            weight_map[name] = fname
+        save_file(tensors, out / fname, metadata={"format": "pt"})
+        del tensors
+    total = sum(2 * torch.Size(s).numel() for sh in shards for _, s in sh)
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return {"params": total // 2}
+
+
+def child_copy(args) -> dict:
+    from safetensors.torch import load_file, save_file
+    src, dst = Path(args.path), Path(args.out)
+    t0 = time.perf_counter()
+    dst.mkdir()
+    for f in sorted(src.glob("*.safetensors")):
+        save_file(load_file(f), dst / f.name, metadata={"format": "pt"})
+    shutil.copy(src / "model.safetensors.index.json", dst)
+    return {"time": time.perf_counter() - t0, "rss": peak_rss()}
+
+
+def _meta_models(layers: int):
+    import torch
+    from transformers import LlamaForCausalLM
+    with torch.device("meta"):
+        old = LlamaForCausalLM(config(layers, OLD_VOCAB, OLD_UNITS)).eval()
+        new = LlamaForCausalLM(config(layers, NEW_VOCAB, NEW_UNITS)).eval()
+    return old, new
+
+
+def child_stream(args) -> dict:
+    import torch
+    import fxsurgery as fs
+    t0 = time.perf_counter()
+    old, new = _meta_models(args.layers)
+    vocab = [f"tok{i}" for i in range(OLD_VOCAB)]
+    ids = torch.zeros(1, 8, dtype=torch.long, device="meta")
+    plan = fs.plan(fs.trace(old, {"input_ids": ids}, {"input_ids": fs.Categories(vocab)}),
+                   fs.trace(new, {"input_ids": ids}, {"input_ids": fs.Categories(vocab + [f"new{i}" for i in range(8)])}))
+    t_plan = time.perf_counter() - t0
+    rss_planned = peak_rss()
+    t0 = time.perf_counter()
+    written = plan.apply_to_checkpoint(args.path, args.out, init=new._init_weights, progress=False)
+    return {"time": time.perf_counter() - t0, "plan": t_plan, "rss": peak_rss(), "rss_planned": rss_planned,
+            "files": len(written.files), "total": written.total_size}
+
+
+def child_check(args) -> dict:
+    """Strict load of the new checkpoint into the new model; logits on old tokens against the old."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    old, new = _meta_models(args.layers)
+    out = {}
+    logits = []
+    for model, path in ((old, Path(args.path)), (new, Path(args.out))):
+        sd = {}
+        for f in sorted(path.glob("*.safetensors")):
+            sd.update(load_file(f))                      # memory-mapped
+        model.load_state_dict(sd, strict=True, assign=True)
+        model.model.rotary_emb = LlamaRotaryEmbedding(model.config)   # a non-persistent buffer, not saved
+        ids = torch.randint(0, OLD_VOCAB, (1, 16), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits[..., :OLD_VOCAB].float())
+        del sd
+    diff = (logits[0] - logits[1]).abs().max().item()
+    out.update({"max_diff": diff, "scale": logits[0].abs().max().item(), "rss": peak_rss()})
+    return out
+
+
+CHILDREN = {"generate": child_generate, "copy": child_copy, "stream": child_stream, "check": child_check}
+
+
+def _size(s: str) -> int:
+    from fxsurgery.surgery.checkpoint_files import parse_size
+    return parse_size(s)
+
+
+# parent --------------------------------------------------------------------------------
+def run_child(kind: str, args, **extra) -> dict:
+    if kind in ("copy", "stream"):
+        os.sync()              # earlier runs' dirty pages are not written back during this one
+    cmd = [sys.executable, __file__, "--child", kind, "--layers", str(args.layers), "--shard-size", args.shard_size]
+    for k, v in extra.items():
+        cmd += [f"--{k}", str(v)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        sys.exit(f"the {kind} child failed:\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--shard-size", default="1GB")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--dir", default=tempfile.gettempdir())
+    ap.add_argument("--child", choices=sorted(CHILDREN))
+    ap.add_argument("--path")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(CHILDREN[args.child](args)))
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="fxsurgery-bench-streaming-", dir=args.dir))
+    try:
+        src = work / "old"
+        src.mkdir()
+        t0 = time.perf_counter()
+        gen = run_child("generate", args, path=src)
+        shards = sorted(src.glob("*.safetensors"))
+        largest = max(f.stat().st_size for f in shards) / GB
+        total = sum(f.stat().st_size for f in shards) / GB
+        print(f"checkpoint: {gen['params'] / 1e9:.2f}B parameters, bf16, {len(shards)} shards, {total:.2f} GB, "
+              f"largest shard {largest:.2f} GB (generated in {time.perf_counter() - t0:.0f} s)")
+        print(f"surgery: vocabulary {OLD_VOCAB} -> {NEW_VOCAB}, MLP {OLD_UNITS} -> {NEW_UNITS} units, "
+              f"{args.layers} layers")
+        copies, streams = [], []
+        for r in range(args.repeat):
+            for kind, runs in (("copy", copies), ("stream", streams)):
+                out = work / f"{kind}{r}"
+                runs.append(run_child(kind, args, path=src, out=out))
+                if kind == "stream" and r == args.repeat - 1:
+                    check = run_child("check", args, path=src, out=out)
+                shutil.rmtree(out)
+        copy_t = statistics.median(c["time"] for c in copies)
+        stream_t = statistics.median(s["time"] for s in streams)
+        copy_rss = max(c["rss"] for c in copies)
+        stream_rss = max(s["rss"] for s in streams)
+        s = streams[-1]
+        print(f"\n{'':28s}{'copy':>10s}{'stream':>10s}{'ratio':>9s}")
+        print(f"{'time (s, median of %d)' % args.repeat:28s}{copy_t:10.2f}{stream_t:10.2f}{stream_t / copy_t:8.2f}x"
+              f"   target <= 2x")
+        print(f"{'peak RSS (GB, child)':28s}{copy_rss:10.2f}{stream_rss:10.2f}{stream_rss / copy_rss:8.2f}x"
+              f"   target <= largest shard + 1 GB = {largest + 1:.2f}: {'met' if stream_rss <= largest + 1 else 'NOT met'}")
+        print(f"stream: planning on meta models {statistics.median(x['plan'] for x in streams):.1f} s (not in the "
+              f"stream time); peak RSS after planning, before streaming {s['rss_planned']:.2f} GB; "
+              f"{s['files']} output shards, {s['total'] / GB:.2f} GB")
+        print(f"all runs: copy {[round(c['time'], 2) for c in copies]} s, stream {[round(x['time'], 2) for x in streams]} s")
+        ok = check["max_diff"] <= 0.02 * check["scale"]
+        print(f"check: the new checkpoint loads strictly into the new model; logits on old tokens over the old "
+              f"vocabulary differ from the old model's by at most {check['max_diff']:.3g} (largest logit "
+              f"{check['scale']:.3g}): {'preserved' if ok else 'NOT preserved'} (bf16 arithmetic)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
