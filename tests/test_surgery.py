@@ -675,8 +675,8 @@ def test_a_failed_apply_leaves_the_new_model_untouched(monkeypatch):
             raise RuntimeError("disk on fire")
         return real(*args, **kwargs)
 
-    real = plan_module.in_place_writes
-    monkeypatch.setattr(plan_module, "in_place_writes", failing)
+    real = plan_module.build
+    monkeypatch.setattr(plan_module, "build", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         p.apply()
     assert all(torch.equal(before[k], v) for k, v in new.state_dict().items())

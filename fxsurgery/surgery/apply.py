@@ -19,7 +19,7 @@ import torch
 from .._sort import searchsorted
 from .match import Match
 
-__all__ = ["build", "in_place_writes", "select_matched", "RUN_LIMIT"]
+__all__ = ["build", "in_place_writes", "writes_nothing", "select_matched", "RUN_LIMIT"]
 
 RUN_LIMIT = 8          # at most this many copied stretches along an axis are copied as slices
 REGION_LIMIT = 64      # and at most this many slice copies per parameter
@@ -134,6 +134,18 @@ def _mean_rows(m: Match, out: torch.Tensor, maps) -> None:
             shape = list(out.shape)
             shape[d] = rows.numel()
             out.index_copy_(d, rows, mean.expand(shape).contiguous())
+
+
+def writes_nothing(m: Match, old: torch.Tensor | None, new_categories: str = "zero") -> bool:
+    """True when the parameter keeps every value the new model gave it: nothing copied, nothing
+    zeroed (re-initialised, or new and meeting no new label)."""
+    if m.unexplained:
+        return True
+    if m.copy and old is not None:
+        return False
+    if m.zero_all and not (m.category_all and new_categories != "zero"):
+        return False
+    return not any(bool(z.any()) for z in _zero_positions(m, new_categories))
 
 
 def _gather(old: torch.Tensor, maps, new_shape) -> torch.Tensor:

@@ -3,7 +3,7 @@
 `plan(old, new)` maps both traced models, matches every new parameter and buffer with the old
 one of the same name (after `rename`), element by element through their keys, and lists where
 function preservation is impossible. `SurgeryPlan.apply()` builds the whole new state first
-and loads it last.
+and hands it over last, all or nothing (see `commit`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch
 
 from ..capture import Traced, trace
 from ..interaction_map import interaction_map
-from .apply import build, in_place_writes
+from .apply import build, writes_nothing
+from .commit import Commit, OldMemory, state_tensors
 from .issues import (Issue, check_fallbacks, check_points, fallback_points, graph_points, match_outputs, output_keys,
                      kept_nonfinite, removed_nonzero, unmatched)
 from .match import Match, match
@@ -108,24 +109,35 @@ class SurgeryPlan:
 
     # applying -------------------------------------------------------------------------
     def apply(self, progress: Callable[[str, int, int], None] | None = None) -> torch.nn.Module:
-        """Carries the weights into the new model (and returns it). Nothing is written if
-        anything fails; the old model is only read. `progress(name, done, total)` is called
-        after each parameter is prepared (element counts).
+        """Carries the weights into the new model (and returns it). All or nothing: if anything
+        fails or is interrupted (an exception, KeyboardInterrupt), the new model is left as it
+        was, and the error propagates. The old model is only read, never written, even where
+        the new model shares modules or tensors with it. `progress(name, done, total)` is called
+        after each parameter is prepared (element counts). A plan applies once: plan again to
+        carry the weights again.
 
-        Two phases. First every parameter is prepared: checked, and whatever needs memory is
-        computed (a reordering's re-indexed copy, a tensor that cannot be written in place).
-        Then, and only then, the writes: slice copies and zero fills into the new model's own
-        tensors, whose shapes were checked, and fresh tensors handed over as storage. Writing
-        into memory the new model already owns costs what a state_dict copy costs; building
-        every changed parameter in fresh memory first costs several times more (page faults).
+        Two phases. First every new value is prepared in fresh memory: checked, copied where
+        matched, initialised elsewhere; the models are only read. Then the new model's
+        parameters and buffers are re-pointed at them (`.data = value`: the objects stay, so
+        tied parameters stay tied), every step recorded, and taken back if a later one fails.
+        A tensor the new model shares with the old one (a module reused from it,
+        `new.fc1 = old.fc1`) is given its own copy in the new model only, with a new object
+        where the object itself is shared (the shared modules on the way are replaced, in the
+        new model, by copies of their own): afterwards the two models share no memory.
+        Preparing everything apart costs what cloning the new state costs (fresh memory), about
+        three times a copy into memory already paged in; that is the price of leaving the new
+        model as it was when a write fails midway.
         """
         old_model, new_model = self.old.model, self.new.model
+        if self.applied:
+            raise SurgeryError("this plan was applied already: the new model holds the carried weights (and "
+                               "whatever happened to it since); plan again to carry them again (nothing was written)")
         old_sd = old_model.state_dict()
-        new_sd = new_model.state_dict()
+        new_sd = new_model.state_dict(keep_vars=True)
         self._check_states(old_sd, new_sd)
-        old_storage = {t.untyped_storage().data_ptr() for t in old_sd.values() if t.device.type != "meta"}
-        writes: list = []
-        fresh: dict[str, torch.Tensor] = {}
+        old_mem = OldMemory(old_model)
+        fresh: dict[int, torch.Tensor] = {}       # id of a live new tensor -> its new value
+        live: dict[int, torch.Tensor] = {}
         total = sum(int(new_sd[p.name].numel()) for p in self.params.values() if p.persistent)
         done = 0
         with torch.no_grad():
@@ -133,46 +145,68 @@ class SurgeryPlan:
                 if not p.persistent:
                     continue
                 old = old_sd[p.old_name] if p.old_name is not None else None
-                dest = new_sd[p.name]
-                # A new tensor that shares memory with an old one is never written into.
-                w = None if dest.untyped_storage().data_ptr() in old_storage else \
-                    in_place_writes(p.match, old, dest, self.new_categories)
-                if w is None:
-                    fresh[p.name] = build(p.match, old, dest, self.new_categories)
-                else:
-                    writes.extend(w)
-                done += int(dest.numel())
+                target = new_sd[p.name]
+                if not writes_nothing(p.match, old, self.new_categories):
+                    value = build(p.match, old, target.detach(), self.new_categories)
+                    if tuple(value.shape) != tuple(target.shape):  # a bug guard: never load a wrong shape
+                        raise SurgeryError(f"internal error: built {p.name} with shape {tuple(value.shape)}, "
+                                           f"expected {tuple(target.shape)}; nothing was written")
+                    fresh[id(target)], live[id(target)] = value, target
+                done += int(target.numel())
                 if progress is not None:
                     progress(p.name, done, total)
-        for name, t in fresh.items():
-            want = new_sd[name]
-            if tuple(t.shape) != tuple(want.shape):  # a bug guard: never load a wrong shape
-                raise SurgeryError(f"internal error: built {name} with shape {tuple(t.shape)}, "
-                                   f"expected {tuple(want.shape)}; nothing was written")
-        # Fresh tensors are handed to the new model's parameters and buffers as their storage;
-        # a tensor that is the old one itself is copied, so that the two models never share
-        # memory. Either way the Parameter objects stay, so tied parameters stay tied.
-        live = new_model.state_dict(keep_vars=True)
-        with torch.no_grad():
-            for write in writes:
-                write()
-            for name, t in fresh.items():
-                target = live[name]
-                if t.untyped_storage().data_ptr() in old_storage or t.dtype != target.dtype \
-                        or t.device != target.device:
-                    target.copy_(t)
-                else:
-                    target.data = t
-        self.applied = True
+            # Whatever else of the new model aliases the old model (a non-persistent buffer, a value
+            # kept as it is) gets a copy of its own too.
+            for _, t in state_tensors(new_model):
+                if id(t) not in fresh and old_mem.overlaps(t):
+                    fresh[id(t)], live[id(t)] = t.detach().clone(), t
+            for key, value in fresh.items():     # a value that is the old tensor itself is cloned
+                if old_mem.overlaps(value):
+                    fresh[key] = value.clone()
+        commit = Commit()
+        try:
+            with torch.no_grad():
+                replace = {}
+                for key, value in fresh.items():
+                    t = live[key]
+                    if key in old_mem.tensors:   # registered in the old model too: a new object
+                        replace[key] = torch.nn.Parameter(value, requires_grad=t.requires_grad) \
+                            if isinstance(t, torch.nn.Parameter) else value
+                    else:
+                        commit.set_data(t, value)
+                if replace:
+                    commit.own(new_model, old_mem, replace)
+                self.applied = True
+        except BaseException:
+            self.applied = False
+            commit.undo()
+            raise
         return new_model
 
     def _check_states(self, old_sd, new_sd) -> None:
+        """The models are still what the plan was made for: every name present, of its shape,
+        tied as it was; nothing new in the new model's state. Raises naming the parameter."""
+        known = {a for p in self.params.values() for a in p.aliases}
+        names_of: dict[int, list[str]] = {}
+        for name, t in new_sd.items():
+            if name not in known:
+                raise SurgeryError(f"the new model has {name!r}, which it did not have when the plan was made; "
+                                   "plan again (nothing was written)")
+            names_of.setdefault(id(t), []).append(name)
         for p in self.params.values():
             if not p.persistent:
                 continue
             if p.name not in new_sd:
                 raise SurgeryError(f"the new model has no {p.name!r} any more; plan again (nothing was written)")
             t = new_sd[p.name]
+            for a in p.aliases:
+                if a in new_sd and new_sd[a] is not t:
+                    raise SurgeryError(f"the new model's {a} and {p.name} were one tensor (tied) when the plan was "
+                                       "made and are not any more; plan again (nothing was written)")
+            tied = [n for n in names_of[id(t)] if n not in p.aliases]
+            if tied:
+                raise SurgeryError(f"the new model's {tied[0]} is now the same tensor as {p.name} (tied since the "
+                                   "plan was made); plan again (nothing was written)")
             if tuple(t.shape) != p.match.new_shape:
                 raise SurgeryError(f"the new model's {p.name} has shape {tuple(t.shape)}, but the plan was made "
                                    f"for {p.match.new_shape}; plan again (nothing was written)")
