@@ -399,3 +399,11 @@ def test_pass_classes_hold_their_functions():
     out = WidenTwice("fc1", inputs=inputs, features=features)(exported(model, inputs)).graph_module
     assert out.state_dict()["fc1.weight"].shape == (10, 4)
     assert len(out.meta["fxsurgery"].plans) == 2
+
+
+def test_a_composite_through_an_inserted_layer_whose_axis_was_pruned_is_refused():
+    model, inputs, features = setup()
+    gm = fs.passes.insert_identity_layer(fs.trace(model, inputs, features), "fc1")
+    gm = fs.passes.prune_units(gm, "fc1", [0, 2, 4])
+    with pytest.raises(PassError, match=r"'fc1_identity' is an inserted layer standing for 'fc1', whose units a later"):
+        gm.meta["fxsurgery"].composite()

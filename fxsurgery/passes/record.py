@@ -126,4 +126,10 @@ def composite_units(plans: list, what: str = "the chain") -> dict:
             raise _error(f"{what}: hidden axis {g!r} holds new units before surviving ones "
                               f"({positions}); one plan cannot say that: verify each pass's plan")
         units[g] = positions[:last + 1]
+    for g, fg in list(units.items()):
+        # The planner reads an inserted layer's units against the axis it stands for as that axis
+        # is in the last model: an axis whose units the chain changed cannot serve.
+        if isinstance(fg, str) and (fg in units or plans[-1].space.new_groups.get(fg) != first[fg]):
+            raise _error(f"{what}: hidden axis {g!r} is an inserted layer standing for {fg!r}, whose units a "
+                         "later pass changed; one plan cannot say that: verify each pass's plan")
     return units
