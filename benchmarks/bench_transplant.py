@@ -20,7 +20,9 @@ Measured side by side in one process, median of --repeat runs each:
             (`to_empty` + `reset_parameters`, the new model's own initialisation, which the
             copy's destination pays too and which is reported apart, not in either side).
             For reference, a clone of every old tensor into fresh memory is timed too: apply
-            builds the parameters that change in fresh tensors before loading them.
+            prepares every value it writes in fresh tensors, then re-points the new model's
+            parameters at them (so that a failure midway can be taken back), so its cost is
+            about that of the clone, not of the copy.
 
 and the ratios transplant / copy. The target (DESIGN.md, Scale) is that the transfer costs
 about what the copy costs (apply / copy <= 2); planning is compared with `torch.export`
