@@ -16,8 +16,9 @@ import torch.fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..labels import Categories
+from ..nodes import describe_node
 from .dtypes import _is_float
-from .errors import GradientMapError, _op_name, _schema, _where
+from .errors import GradientMapError, _op_name, _schema
 
 # Operators that only move elements (the values of an index tensor moved from a category input
 # are still category values, so the one-hot relaxation follows them). Schema names.
@@ -77,19 +78,19 @@ class _CategoryRelaxation:
                             for inp in sorted(inputs):
                                 if not isinstance(desc.get(inp), Categories):
                                     raise GradientMapError(
-                                        f"integer input {inp!r} reaches {_op_name(n.target)} at {_where(n)}: "
+                                        f"integer input {inp!r} reaches {_op_name(n.target)} at {describe_node(n)}: "
                                         "describe it with fs.Categories, so that the gradient mapping can "
                                         "differentiate the lookup through its one-hot relaxation")
                             if via is not None:
                                 raise GradientMapError(
-                                    f"the index of {_op_name(n.target)} at {_where(n)} is computed from "
+                                    f"the index of {_op_name(n.target)} at {describe_node(n)} is computed from "
                                     f"Categories input {sorted(inputs)[0]!r} by "
                                     f"{_op_name(self.by_name[via].target)} at node %{via}, which is not "
                                     "data movement: its one-hot relaxation is not defined")
                             if name not in ("aten::embedding", "aten::index", "aten::index_select",
                                             "aten::one_hot", "aten::_unsafe_index"):
                                 raise GradientMapError(
-                                    f"{_op_name(n.target)} at {_where(n)} is indexed by Categories input "
+                                    f"{_op_name(n.target)} at {describe_node(n)} is indexed by Categories input "
                                     f"{sorted(inputs)[0]!r}; the gradient mapping relaxes only embedding, "
                                     "index, index_select and one_hot lookups")
             ins = [origin[a.name] for a in n.all_input_nodes if a.name in origin]
@@ -113,13 +114,13 @@ class _CategoryRelaxation:
         if name in ("aten::index", "aten::_unsafe_index") and any(isinstance(i, _Cat) for i in args[1]):
             indices = list(args[1])
             if len(indices) != 1 or isinstance(args[0], _Cat):
-                raise GradientMapError(f"{_op_name(node.target)} at {_where(node)} indexes with Categories "
+                raise GradientMapError(f"{_op_name(node.target)} at {describe_node(node)} indexes with Categories "
                                        "input values in a form the one-hot relaxation does not cover "
                                        "(only table[idx] along the first axis)")
             return _onehot_lookup(node, args[0], indices[0], onehot)
         if name == "aten::index_select" and isinstance(args[2], _Cat):
             if args[1] % args[0].dim() != 0:
-                raise GradientMapError(f"{_op_name(node.target)} at {_where(node)} selects category rows "
+                raise GradientMapError(f"{_op_name(node.target)} at {describe_node(node)} selects category rows "
                                        "along an axis other than the first; not relaxed")
             return _onehot_lookup(node, args[0], args[2], onehot)
         if name == "aten::one_hot" and isinstance(args[0], _Cat):
@@ -183,9 +184,9 @@ def _onehot_lookup(node, table, index: _Cat, onehot):
     rows = _gather_rows(onehot[index.input], index.pos)
     V = rows.shape[-1]
     if isinstance(table, _Cat) or not isinstance(table, torch.Tensor):
-        raise GradientMapError(f"{_op_name(node.target)} at {_where(node)}: the table is not a float tensor")
+        raise GradientMapError(f"{_op_name(node.target)} at {describe_node(node)}: the table is not a float tensor")
     if table.shape[0] < V:
         raise GradientMapError(f"Categories input {index.input!r} names {V} categories, but "
-                               f"{_op_name(node.target)} at {_where(node)} looks up a table of "
+                               f"{_op_name(node.target)} at {describe_node(node)} looks up a table of "
                                f"{table.shape[0]} rows")
     return torch.tensordot(rows.to(table.dtype), table[:V], dims=1)

@@ -1,19 +1,12 @@
-"""The error the gradient mapping raises, and how a node and an operator are named (in its
-messages, and by schema name in the operator tables of the other modules)."""
+"""The error the gradient mapping raises, and how an operator is named (in its messages, and by
+schema name in the operator tables of the other modules); nodes are named by `fxsurgery.nodes`."""
 from __future__ import annotations
 
 import torch
-import torch.fx
 
 
 class GradientMapError(RuntimeError):
     """The gradient mapping cannot run on this graph (the node and operator are named)."""
-
-
-def _where(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    path = list(stack.values())[-1][0] if stack else ""
-    return f"node %{node.name}" + (f" ({path})" if path else "")
 
 
 def _op_name(target) -> str:

@@ -10,9 +10,10 @@ import torch.fx
 from torch.utils._pytree import tree_flatten
 
 from ..capture import wrapped_call
+from ..nodes import describe_node
 from .categories import _Cat, _gather_rows
 from .dtypes import _is_float, _to_cpu64
-from .errors import GradientMapError, _op_name, _where
+from .errors import GradientMapError, _op_name
 from .random_points import _Point
 
 
@@ -63,7 +64,7 @@ class _Evaluation:
             elif n.op == "output":
                 break
             else:
-                raise GradientMapError(f"{n.op} nodes are not supported ({_where(n)})")
+                raise GradientMapError(f"{n.op} nodes are not supported ({describe_node(n)})")
         if thetas is not None:
             return total if total is not None else torch.zeros((), dtype=torch.float64)
         if collect:
@@ -128,5 +129,5 @@ class _Evaluation:
         except GradientMapError:
             raise
         except Exception as err:  # noqa: BLE001 - re-raised with the node and operator named
-            raise GradientMapError(f"{_op_name(target)} at {_where(node)} could not be differentiated: "
+            raise GradientMapError(f"{_op_name(target)} at {describe_node(node)} could not be differentiated: "
                                    f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err

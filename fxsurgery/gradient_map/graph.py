@@ -10,9 +10,10 @@ from torch.export.graph_signature import OutputKind
 from torch.utils._pytree import tree_flatten
 
 from ..capture import Traced
+from ..nodes import describe_node
 from .categories import _CategoryRelaxation
 from .dtypes import _is_float
-from .errors import GradientMapError, _where
+from .errors import GradientMapError
 from .evaluation import _Evaluation
 from .random_points import _RandomPoints
 from .substitutes import _Substitutes
@@ -57,7 +58,7 @@ class _Graph(_CategoryRelaxation, _Substitutes, _RandomPoints, _Evaluation):
                 continue
             val = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else arg
             if not isinstance(val, torch.Tensor):
-                where = f" (from {_where(arg)})" if isinstance(arg, torch.fx.Node) else ""
+                where = f" (from {describe_node(arg)})" if isinstance(arg, torch.fx.Node) else ""
                 raise GradientMapError(
                     f"model output {i} is {type(val).__name__} {val!r}{where}, not a tensor: the "
                     "gradient mapping needs the model to return a tensor or a tuple of tensors")

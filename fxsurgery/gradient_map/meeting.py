@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_flatten
 
+from ..nodes import describe_node
 from .categories import _Cat
 from .dtypes import _is_float
-from .errors import _where
 from .graph import _Graph
 from .nonzero import CHUNK, _finite, _threshold
 from .random_points import _Point
@@ -50,7 +50,7 @@ def _meeting_masks(graph: _Graph, trials: int, seed: int, notes: list) -> dict[s
             M = torch.func.vmap(mixed, chunk_size=CHUNK, randomness="same")(dirs)
         for node, per_state in M.items():
             # One scale per node and trial: every parameter it consumes, every label.
-            mags = {state: _finite(t, notes, _where(graph.by_name[node])) for state, t in per_state.items()}
+            mags = {state: _finite(t, notes, describe_node(graph.by_name[node])) for state, t in per_state.items()}
             scale = max((float(a.max()) for a in mags.values() if a.numel()), default=0.0)
             for state, a in mags.items():
                 nz = a > _threshold(scale)

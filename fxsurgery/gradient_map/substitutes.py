@@ -12,8 +12,9 @@ import torch
 import torch.fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..nodes import describe_node
 from .dtypes import _to_cpu64
-from .errors import GradientMapError, _op_name, _schema, _where
+from .errors import GradientMapError, _op_name, _schema
 
 aten = torch.ops.aten
 
@@ -37,7 +38,7 @@ class _Substitutes:
             packet = getattr(aten, base.rstrip("_"), None) if base.endswith("_") else None
             overload = getattr(packet, t._overloadname, None) if packet is not None else None
             if overload is None:
-                raise GradientMapError(f"{_op_name(t)} at {_where(n)} writes into its operand and has no "
+                raise GradientMapError(f"{_op_name(t)} at {describe_node(n)} writes into its operand and has no "
                                        "out-of-place variant the gradient mapping could run instead")
             self.functional[n.name] = overload
             if n.args and isinstance(n.args[0], torch.fx.Node):
@@ -63,7 +64,7 @@ class _Substitutes:
         for i in positions:
             val = flat[i].meta.get("val")
             if not isinstance(val, torch.Tensor):
-                raise GradientMapError(f"{_op_name(node.target)} at {_where(node)} has an operand "
+                raise GradientMapError(f"{_op_name(node.target)} at {describe_node(node)} has an operand "
                                        f"%{flat[i].name} that is not a tensor; cannot decompose it")
             dtype = torch.float64 if val.dtype.is_floating_point else val.dtype
             examples.append(torch.zeros(tuple(val.shape), dtype=dtype))
@@ -79,7 +80,7 @@ class _Substitutes:
             with _quiet():
                 return make_fx(fn, decomposition_table=_decompositions(), tracing_mode="fake")(*examples)
         except Exception as err:  # noqa: BLE001 - re-raised with the node named
-            raise GradientMapError(f"{_op_name(node.target)} at {_where(node)} could not be decomposed into "
+            raise GradientMapError(f"{_op_name(node.target)} at {describe_node(node)} could not be decomposed into "
                                    f"the operations autograd differentiates: {type(err).__name__}: {err}") from err
 
 

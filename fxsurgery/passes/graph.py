@@ -20,8 +20,7 @@ import warnings
 import torch
 import torch.fx
 
-from .nodes import packet as _packet
-from .nodes import where as _where
+from ..nodes import describe_node, packet
 from .reach import Reach
 from .sizing import SizingError
 
@@ -49,7 +48,7 @@ def _infer_created(graph, shapes: dict) -> None:
     """Label-free values created from a shape (zeros for an LSTM's initial state) take the new
     shape of the output of their consumer that has their old shape (the final state)."""
     for node in graph.nodes:
-        if node.op != "call_function" or _packet(node) not in _CREATES or node.name in shapes:
+        if node.op != "call_function" or packet(node) not in _CREATES or node.name in shapes:
             continue
         old = _old_shape(node)
         for user in node.users:   # (an LSTM taking its states in a list is a user too)
@@ -69,7 +68,7 @@ def _outputs(node):
 
 def _rewrite_args(node, shapes: dict) -> None:
     """Re-specialises the literal shapes in one node's arguments."""
-    name = _packet(node)
+    name = packet(node)
     new = shapes.get(node.name)
     args = list(node.args)
     if name in _SHAPE_ARG and new is not None:
@@ -83,7 +82,7 @@ def _rewrite_args(node, shapes: dict) -> None:
         outs = sorted((u for u in node.users if u.target is operator.getitem), key=lambda u: u.args[1])
         sizes = [(shapes.get(u.name) or _old_shape(u))[dim] for u in outs]
         if len(outs) != len(node.meta["val"]):
-            raise SizingError(f"{_where(node)}: a split whose parts are not all used cannot be resized")
+            raise SizingError(f"{describe_node(node)}: a split whose parts are not all used cannot be resized")
         if sizes != [_old_shape(u)[dim] for u in outs]:
             node.target = aten.split_with_sizes.default
             args = [args[0], sizes, dim]
@@ -115,10 +114,10 @@ def _rewrite_args(node, shapes: dict) -> None:
                 if len(args) > 3:
                     args[3] = new_in[dim]
                 if new_in[dim] - start != want:
-                    raise SizingError(f"{_where(node)}: slices axis {dim} from {start} to its end, which would "
+                    raise SizingError(f"{describe_node(node)}: slices axis {dim} from {start} to its end, which would "
                                       f"hold {new_in[dim] - start} positions, not {want}")
             elif end < 0 or want != _old_shape(node)[dim]:
-                raise SizingError(f"{_where(node)}: slices axis {dim} of a value the change resizes; "
+                raise SizingError(f"{describe_node(node)}: slices axis {dim} of a value the change resizes; "
                                   "the new bounds cannot be told")
             # else: a slice that keeps its positions (before the change's new members)
     node.args = tuple(args)
@@ -215,7 +214,7 @@ def _no_new_broadcast(node, env, before) -> None:
         return
     # Only where operands broadcast against each other: element-wise operators (their output is
     # the broadcast of their operands) and attention's batch and head axes.
-    if _packet(node) in ("scaled_dot_product_attention",):
+    if packet(node) in ("scaled_dot_product_attention",):
         axes = range(3, max(env[a].dim() for a in operands) + 1)
     else:
         try:
@@ -230,7 +229,7 @@ def _no_new_broadcast(node, env, before) -> None:
         shrunk = [a for a, new, old in sizes if new == 1 and old is not None and old > 1]
         wide = [a for a, new, old in sizes if new is not None and new > 1]
         if shrunk and wide:
-            raise SizingError(f"{_where(node)}: %{shrunk[0].name} shrinks to one position along axis -{k}, "
+            raise SizingError(f"{describe_node(node)}: %{shrunk[0].name} shrinks to one position along axis -{k}, "
                               f"where %{wide[0].name} keeps {env[wide[0]].shape[-k]}: it would be broadcast; "
                               "the change cannot be expressed in this graph")
 
@@ -254,11 +253,11 @@ def check_shapes(gm: torch.fx.GraphModule, traced, inputs: dict, shapes: dict) -
             try:
                 out = super().run_node(n)
             except Exception as e:  # noqa: BLE001 - re-raised with the node named
-                raise SizingError(f"{_where(n)}: the resized graph fails there ({type(e).__name__}: "
+                raise SizingError(f"{describe_node(n)}: the resized graph fails there ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''}); the change cannot be "
                                   "expressed in this graph") from e
             if isinstance(out, torch.Tensor) and n.name in expected and tuple(out.shape) != expected[n.name]:
-                raise SizingError(f"{_where(n)}: computes shape {tuple(out.shape)} after the change, expected "
+                raise SizingError(f"{describe_node(n)}: computes shape {tuple(out.shape)} after the change, expected "
                                   f"{expected[n.name]}; the change cannot be expressed in this graph")
             # The node's metadata now describes the new module (as FakeTensorProp writes it);
             # what was carried over from the old graph would mislead the next pass.

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..nodes import describe_node
 from .placing import coupled_order, new_sizes, resize_parts
-from .nodes import where as _where
 from .sizing import Component, Sizer, SizingError, _cls
 
 __all__ = ["Reach", "reach"]
@@ -38,7 +38,7 @@ def _values(traced, sizer):
         if not isinstance(val, torch.Tensor) or ids is None or ids.dim() != val.dim():
             continue
         what = ("input", user_names.get(node.name, node.name)) if kind == "input" else ("node", node.name)
-        yield what, _where(node), tuple(val.shape), [ids]
+        yield what, describe_node(node), tuple(val.shape), [ids]
     for name, e in sizer.imap.entries.items():
         terms = [t for keys in (e.key_meets, e.key_aligned) if keys is not None for t in keys.terms]
         yield ("param", name), f"parameter {name}", tuple(e.shape), terms

@@ -19,11 +19,11 @@ import torch.fx
 
 from .._sort import unique_values
 from ..interaction_map import interaction_map
+from ..nodes import module_path, module_paths, packet
 from . import arguments as arg
 from .core import Change, PassError, as_traced, finish, new_inputs, rewrite
 from .graph import build_graph_module
 from .reach import Reach
-from .nodes import module_path, packet
 from .sizing import Order, Sizer
 
 __all__ = ["insert_identity_layer", "add_heads"]
@@ -32,16 +32,13 @@ aten = torch.ops.aten
 
 
 def _in_module(node, path: str) -> bool:
-    stack = node.meta.get("nn_module_stack") or {}
-    return any(p == path or p.startswith(path + ".") for p, _ in stack.values())
+    return any(p == path or p.startswith(path + ".") for p in module_paths(node))
 
 
 def _module_names(traced) -> list[str]:
     names = set()
     for node in traced.graph.nodes:
-        for p, _ in (node.meta.get("nn_module_stack") or {}).values():
-            if p:
-                names.add(p)
+        names.update(p for p in module_paths(node) if p)
     return sorted(names)
 
 

@@ -13,6 +13,7 @@ from torch.export.graph_signature import OutputKind, TensorArgument
 from ..propagate import META_KEY, fallbacks
 from ..terms import Terms
 from .._sort import map_distinct, unique
+from ..nodes import node_tag
 from .match import match
 from .space import LabelSpace, describe
 
@@ -35,12 +36,6 @@ class Issue:
 
     def __str__(self) -> str:
         return f"[{self.kind}] {self.where}: {self.message}"
-
-
-def _where(node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    path = list(stack.values())[-1][0] if stack else ""
-    return f"%{node.name}" + (f" ({path})" if path else "")
 
 
 def _bound(node) -> dict:
@@ -84,7 +79,7 @@ def graph_points(traced) -> list[tuple]:
         if name in _ATTENTION and len(node.args) >= 2:
             q = _keys(node.args[0])
             if q is not None:  # scores q . k sum over the head dimension
-                points.append(("attention", f"{name[6:]} at {_where(node)}", q.ids, [len(q.shape) - 1]))
+                points.append(("attention", f"{name[6:]} at {node_tag(node)}", q.ids, [len(q.shape) - 1]))
             continue
         if name in _REDUCE:
             lt = _keys(node.args[0]) if node.args else None
@@ -94,7 +89,7 @@ def graph_points(traced) -> list[tuple]:
             nd = len(lt.shape)
             dims = list(range(nd)) if dims is None or dims == [] else \
                 sorted({d % nd for d in ([dims] if isinstance(dims, int) else dims)})
-            points.append(("reduction", f"{name[6:]} at {_where(node)}", lt.ids, dims))
+            points.append(("reduction", f"{name[6:]} at {node_tag(node)}", lt.ids, dims))
             continue
         if name not in _LAYER | _BATCH | _GROUP | _SOFTMAX and name != "aten::instance_norm":
             continue
@@ -105,14 +100,14 @@ def graph_points(traced) -> list[tuple]:
         b = _bound(node)
         if name in _LAYER:
             k = len(b.get("normalized_shape", ()))
-            points.append(("normalisation", f"{name[6:]} at {_where(node)}", ids, list(range(nd - k, nd))))
+            points.append(("normalisation", f"{name[6:]} at {node_tag(node)}", ids, list(range(nd - k, nd))))
         elif name in _BATCH:
             if name == "aten::_native_batch_norm_legit_no_training" or not b.get("training", False):
                 continue
-            points.append(("normalisation", f"batch_norm (training) at {_where(node)}", ids,
+            points.append(("normalisation", f"batch_norm (training) at {node_tag(node)}", ids,
                            [0] + list(range(2, nd))))
         elif name == "aten::instance_norm":
-            points.append(("normalisation", f"instance_norm at {_where(node)}", ids, list(range(2, nd))))
+            points.append(("normalisation", f"instance_norm at {node_tag(node)}", ids, list(range(2, nd))))
         elif name in _GROUP:
             groups = int(b.get("num_groups", b.get("group", 1)))
             c = shape[1]
@@ -121,10 +116,10 @@ def graph_points(traced) -> list[tuple]:
                     [ids.shape[0], groups, c // groups] + list(ids.shape[2:]))
             else:
                 ids = ids.reshape([ids.shape[0], 1, 1] + list(ids.shape[2:]))
-            points.append(("normalisation", f"group_norm at {_where(node)}", ids, list(range(2, ids.dim()))))
+            points.append(("normalisation", f"group_norm at {node_tag(node)}", ids, list(range(2, ids.dim()))))
         else:
             dim = b.get("dim", -1)
-            points.append(("softmax", f"{name[6:]} at {_where(node)}", ids, [dim % nd] if nd else []))
+            points.append(("softmax", f"{name[6:]} at {node_tag(node)}", ids, [dim % nd] if nd else []))
     return points
 
 
@@ -150,7 +145,7 @@ def fallback_points(traced) -> list[tuple]:
                 operands.append(("value", repr(a.meta.get("val"))))
             else:
                 operands.append(("value", repr(a)))
-        points.append((node.name, tuple(by_node[node.name]), _where(node), operands))
+        points.append((node.name, tuple(by_node[node.name]), node_tag(node), operands))
     return points
 
 
