@@ -20,6 +20,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from .labels import Categories, Features
+from .tied import tied_groups
 
 __all__ = ["Traced", "trace", "CaptureError", "InputError", "wrapped_call", "config_overrides"]
 
@@ -365,11 +366,7 @@ def trace(model: torch.nn.Module, example_inputs, features: Optional[Mapping[str
             _check_categories(name, desc, example, _tables(program.graph, node, placeholders))
 
     # Tied parameters are lifted once; remember every state_dict name that shares the tensor.
-    by_id: dict[int, list[str]] = {}
-    for name, p in list(model.named_parameters(remove_duplicate=False)) + \
-            list(model.named_buffers(remove_duplicate=False)):
-        by_id.setdefault(id(p), []).append(name)
-    aliases = {names[0]: names for names in by_id.values()}
+    aliases = {group[0]: list(group) for group in tied_groups(model)}
 
     return Traced(model=model, program=program, inputs=args, input_names=input_names, input_nodes=input_nodes,
                   descriptions={n: features.get(n) for n in input_names},

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from ..tied import tied_names
 from .errors import CliError
 
 __all__ = ["load_checkpoint", "load_into", "on_meta"]
@@ -55,11 +56,7 @@ def load_into(model: torch.nn.Module, state: dict, path: str) -> None:
     """Loads a checkpoint into a model after checking that it matches: every key present (a tied
     parameter may be stored under one of its names), none unknown, every shape equal."""
     expected = model.state_dict(keep_vars=True)
-    tied: dict[int, list[str]] = {}
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + \
-            list(model.named_buffers(remove_duplicate=False)):
-        tied.setdefault(id(t), []).append(name)
-    group_of = {n: names for names in tied.values() for n in names}
+    group_of = tied_names(model)
     missing = [k for k in expected if k not in state and not any(a in state for a in group_of.get(k, ()))]
     unexpected = [k for k in state if k not in expected]
     wrong = [f"{k} {tuple(state[k].shape)} (model: {tuple(expected[k].shape)})" for k in state

@@ -37,10 +37,10 @@ from typing import Callable
 
 import torch
 
+from ..tied import tied_names
 from .apply import build, in_place_writes
 from .checkpoint_files import ShardWriter, Source, parse_size, shard_names, write_index
 from .checkpoint_init import ModuleInit, Scratch, needs_init, rows_keeping_init
-from .planning import _aliases
 from .space import SurgeryError, _listing
 
 __all__ = ["apply_to_checkpoint", "transplant_checkpoint", "Written"]
@@ -210,7 +210,7 @@ def _outputs(plan, source: Source, dtype, strict: bool) -> list[_Out]:
     """The output tensors in the new model's state_dict order, one name per tied group, each
     with its shape, dtype and source tensor; every check against the checkpoint happens here."""
     old_model, new_model = plan.old.model, plan.new.model
-    old_alias = _aliases(old_model)
+    old_alias = tied_names(old_model)
     old_shapes = {n: tuple(t.shape) for n, t in list(old_model.named_parameters(remove_duplicate=False)) +
                   list(old_model.named_buffers(remove_duplicate=False))}
     infos = source.infos

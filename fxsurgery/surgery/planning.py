@@ -16,6 +16,7 @@ import torch
 
 from ..capture import Traced, trace
 from ..interaction_map import interaction_map
+from ..tied import tied_names
 from .apply import build, writes_nothing
 from .commit import Commit, OldMemory, state_tensors
 from .issues import (Issue, check_fallbacks, check_points, fallback_points, graph_points, match_outputs, output_keys,
@@ -243,15 +244,6 @@ def _non_persistent(model: torch.nn.Module) -> set[str]:
             for b in getattr(mod, "_non_persistent_buffers_set", ())}
 
 
-def _aliases(model: torch.nn.Module) -> dict[str, tuple]:
-    """state_dict name -> every name sharing its tensor (first name first)."""
-    by_id: dict[int, list[str]] = {}
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + \
-            list(model.named_buffers(remove_duplicate=False)):
-        by_id.setdefault(id(t), []).append(name)
-    return {n: tuple(names) for names in by_id.values() for n in names}
-
-
 def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
          units: Mapping[str, list] | None = None, strict: bool = False,
          new_categories: str = "zero") -> SurgeryPlan:
@@ -338,7 +330,7 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
             problems.append(nname)
     # State the graph does not read (unused parameters, untouched buffers): by name and shape.
     covered = {a for p in params.values() for a in p.aliases}
-    new_alias = _aliases(new.model)
+    new_alias = tied_names(new.model)
     old_state_by_new = {rename_prefix(k, rename): k for k in old_shapes}
     for key, shape in new_shapes.items():
         if key in covered:
@@ -360,7 +352,7 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
                            f"{_listing(old_names)}; new: {_listing(new_names)}); pass rename={{old prefix: new "
                            "prefix}} if modules were renamed")
     old_all = (set(old_map.entries) | set(old_shapes)) - old_derived
-    old_alias = _aliases(old.model)
+    old_alias = tied_names(old.model)
     dropped = sorted(n for n in old_all if n not in used_old and
                      not any(a in used_old for a in old_alias.get(n, (n,))))
     if problems:
