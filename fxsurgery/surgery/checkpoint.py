@@ -27,6 +27,7 @@ needs and the checkpoint lacks, shapes, tensors the old model does not have.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -41,6 +42,7 @@ from ..tied import tied_names
 from .apply import build, in_place_writes
 from .checkpoint_files import ShardWriter, Source, parse_size, shard_names, write_index
 from .checkpoint_init import ModuleInit, Scratch, needs_init, rows_keeping_init
+from .checkpoint_ranges import FileRange, Parts, copy_chunks, parts, worth_it, zero_writes
 from .space import SurgeryError, _listing
 
 __all__ = ["apply_to_checkpoint", "transplant_checkpoint", "Written"]
@@ -71,7 +73,8 @@ class _Out:
 def apply_to_checkpoint(plan, src, dst, *, init: Callable[[torch.nn.Module], None] | None = None,
                         max_shard_size=None, dtype: torch.dtype | None = None,
                         progress: bool | Callable[[str, int, int], None] | None = None,
-                        overwrite: bool = False, strict: bool = True, init_rows: bool | None = None) -> Written:
+                        overwrite: bool = False, strict: bool = True, init_rows: bool | None = None,
+                        sync: bool = False, extra_files: dict | None = None) -> Written:
     """Carries the weights of the checkpoint `src` through `plan` into a new checkpoint
     directory `dst`, one tensor at a time. The models the plan was made from may be on the
     meta device; they are only read (structure, and the new model's initialisation).
@@ -103,6 +106,10 @@ def apply_to_checkpoint(plan, src, dst, *, init: Callable[[torch.nn.Module], Non
         Default (None): when `init` is None (torch's reset_parameters) or a transformers
         `_init_weights`; pass True to allow it for your init, False for one that depends on
         the number of rows (xavier, orthogonal, fan_out).
+    sync: fsync every file and the directories before and after the rename, so that the
+        checkpoint survives a power loss once this returns (the command line does).
+    extra_files: file name -> callable(path) writing it into the output directory before
+        it is renamed into place (a config.json), so that it is part of the same all-or-nothing.
 
     Returns a `Written`. Raises SurgeryError, naming the tensor and file, before writing
     anything when the checkpoint lacks a tensor the plan copies, holds one of another shape, or
@@ -133,6 +140,8 @@ def apply_to_checkpoint(plan, src, dst, *, init: Callable[[torch.nn.Module], Non
                     writer.write(name, _value(plan, o, source, values, scratch, rows_ok))
                     done += o.nbytes
                     report(name, done, total)
+                if sync:
+                    writer.sync()
                 writer.close()
             except BaseException:
                 writer.abort()
@@ -141,14 +150,34 @@ def apply_to_checkpoint(plan, src, dst, *, init: Callable[[torch.nn.Module], Non
             written.weight_map.update({o.name: fname for o in shard})
         written.total_size = total
         if len(names) > 1:
-            write_index(tmp, written.weight_map, total)
+            write_index(tmp, written.weight_map, total, sync)
+        if extra_files:
+            for fname, write in extra_files.items():
+                write(tmp / fname)
+        if sync:
+            _fsync(tmp)
         _install(tmp, dst)
+        if sync:
+            _fsync(dst.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         close_bar()
     return written
+
+
+def _fsync(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return          # a system that cannot open a directory cannot fsync one either
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -279,30 +308,51 @@ def _value(plan, o: _Out, source: Source, values: ModuleInit, scratch: Scratch, 
     SurgeryPlan.apply builds it, in o.dtype. It may live in `scratch`: write it out before
     building the next one."""
     m, cats = o.plan.match, plan.new_categories
+    info = source.infos[o.source] if o.source is not None else None
+    if info is not None and info.offset is not None and info.dtype == o.dtype:
+        # The byte route (checkpoint_ranges): copied stretches never pass through torch.
+        src = FileRange(info.file, info.offset, info.nbytes)
+        if m.identity:
+            return Parts([src], info.nbytes)
+        chunks = copy_chunks(m, cats, info.shape, o.shape)
+        if worth_it(chunks, info.nbytes // max(math.prod(info.shape), 1)):
+            with torch.no_grad():
+                dest = _initial(plan, o, values, scratch, rows_ok)
+                for w in zero_writes(m, cats, dest):
+                    w()
+            return parts(dest, chunks, src, dest.element_size(), o.name)
     old = source.read(o.source) if o.source is not None else None
     with torch.no_grad():
         if old is not None and m.identity:
             return old.to(o.dtype)
-        rows = rows_keeping_init(m, cats) if rows_ok and values.rows_only(o.name) else None
-        # Every element of `dest` that is not copied or zeroed below keeps its value: the
-        # new model's, put there first. The scratch buffer holds the previous tensor's values
-        # elsewhere, and needs no clearing: those elements are all overwritten.
-        if rows is not None:
-            dest = scratch.tensor("dest", o.shape, o.dtype)
-            dest.index_copy_(0, rows, values.row_values(o.name, rows, o.dtype))
-        elif needs_init(m, cats):
-            dest = values.values(o.name, o.dtype)
-        else:
-            dest = scratch.tensor("dest", o.shape, o.dtype)
-        if tuple(dest.shape) != o.shape:   # a bug guard: never write a wrong shape
-            raise SurgeryError(f"internal error: the initial value of {o.name} has shape {tuple(dest.shape)}, "
-                               f"expected {o.shape}")
+        dest = _initial(plan, o, values, scratch, rows_ok)
         writes = in_place_writes(m, old, dest, cats)
         if writes is None:
             return build(m, old, dest, cats).to(o.dtype)
         for w in writes:
             w()
         return dest
+
+
+def _initial(plan, o: _Out, values: ModuleInit, scratch: Scratch, rows_ok: bool) -> torch.Tensor:
+    """The buffer `o` is built in, holding the new model's values wherever the plan keeps them
+    (and anything elsewhere: every other element is copied or zeroed afterwards)."""
+    m, cats = o.plan.match, plan.new_categories
+    rows = rows_keeping_init(m, cats) if rows_ok and values.rows_only(o.name) else None
+    # Every element of `dest` that is not copied or zeroed below keeps its value: the
+    # new model's, put there first. The scratch buffer holds the previous tensor's values
+    # elsewhere, and needs no clearing: those elements are all overwritten.
+    if rows is not None:
+        dest = scratch.tensor("dest", o.shape, o.dtype)
+        dest.index_copy_(0, rows, values.row_values(o.name, rows, o.dtype))
+    elif needs_init(m, cats):
+        dest = values.values(o.name, o.dtype)
+    else:
+        dest = scratch.tensor("dest", o.shape, o.dtype)
+    if tuple(dest.shape) != o.shape:   # a bug guard: never write a wrong shape
+        raise SurgeryError(f"internal error: the initial value of {o.name} has shape {tuple(dest.shape)}, "
+                           f"expected {o.shape}")
+    return dest
 
 
 def _progress(progress, total: int):

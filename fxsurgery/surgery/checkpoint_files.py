@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint_ranges import FileRange, Parts, copy_range, write_all
 from .space import SurgeryError
 
 __all__ = ["SAFE_WEIGHTS", "SAFE_INDEX", "TensorInfo", "Source", "ShardWriter", "parse_size", "shard_names",
@@ -49,6 +51,7 @@ class TensorInfo:
     file: Path
     shape: tuple
     dtype: torch.dtype
+    offset: int | None = None     # where its data start in a safetensors file (bytes)
 
     @property
     def nbytes(self) -> int:
@@ -59,8 +62,9 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (name -> {dtype, shape, data_offsets})."""
+def _read_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file (name -> {dtype, shape, data_offsets}) and where
+    its data start. Every tensor's data are checked to lie inside the file."""
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -70,10 +74,26 @@ def _read_header(path: Path) -> dict:
             if n > 100_000_000:
                 raise ValueError(f"header length {n} is implausible")
             header = json.loads(f.read(n))
+        size = path.stat().st_size
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
     except (OSError, ValueError) as e:
         raise SurgeryError(f"cannot read the safetensors file {path}: {e}") from None
     header.pop("__metadata__", None)
-    return header
+    for name, entry in header.items():
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            count = math.prod(int(x) for x in entry["shape"])
+        except (TypeError, KeyError, ValueError):
+            raise SurgeryError(f"the safetensors file {path} has a malformed entry for {name}: {entry!r}") from None
+        dtype = _DTYPES.get(entry.get("dtype"))
+        if dtype is not None and end - begin != count * _itemsize(dtype):
+            raise SurgeryError(f"the safetensors file {path} gives {name} {end - begin} bytes, but its shape "
+                               f"{tuple(entry['shape'])} and dtype {entry['dtype']} need {count * _itemsize(dtype)}")
+        if begin < 0 or 8 + n + end > size:
+            raise SurgeryError(f"the safetensors file {path} is shorter than its header says ({size} bytes; {name} "
+                               f"ends at {8 + n + end}); is it truncated?")
+    return header, 8 + n
 
 
 class Source:
@@ -87,7 +107,8 @@ class Source:
         files = self._files()
         if self._state_dict is None:
             for file in files:
-                for name, entry in _read_header(file).items():
+                header, start = _read_header(file)
+                for name, entry in header.items():
                     dtype = _DTYPES.get(entry.get("dtype"))
                     if dtype is None:
                         raise SurgeryError(f"the tensor {name} in {file} has dtype {entry.get('dtype')!r}, "
@@ -95,7 +116,8 @@ class Source:
                     if name in self.infos:
                         raise SurgeryError(f"the tensor {name} is in both {self.infos[name].file} and {file}; "
                                            "a checkpoint holds each tensor once")
-                    self.infos[name] = TensorInfo(file, tuple(entry["shape"]), dtype)
+                    self.infos[name] = TensorInfo(file, tuple(entry["shape"]), dtype,
+                                                  start + int(entry["data_offsets"][0]))
         if self._index is not None:
             for name, file in self._index.items():
                 info = self.infos.get(name)
@@ -215,18 +237,40 @@ class ShardWriter:
         raw += b" " * (-len(raw) % 8)
         self.size = 8 + len(raw) + offset
         self._next = 0
-        self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._kernel_copy: dict = {}
+        # Unbuffered: tensors are written in one call each, and file ranges are appended by
+        # the kernel at the descriptor's position, which a buffer would get out of step with.
+        self._file = open(path, "wb", buffering=0)
+        write_all(self._file.fileno(), struct.pack("<Q", len(raw)) + raw)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, value) -> None:
+        """Writes the next tensor: a tensor, or `Parts` (bytes of buffers and of source files)."""
         want = self.order[self._next]
         shape, dtype = self._expected[want]
-        if name != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:  # a bug guard
-            raise SurgeryError(f"internal error: writing {name} {tuple(tensor.shape)} {tensor.dtype} into "
-                               f"{self.path.name}, expected {want} {shape} {dtype}")
-        if tensor.numel():
-            self._file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        if isinstance(value, Parts):
+            need = math.prod(shape) * _itemsize(dtype)
+            if name != want or value.nbytes != need:  # a bug guard
+                raise SurgeryError(f"internal error: writing {name} ({value.nbytes} bytes) into {self.path.name}, "
+                                   f"expected {want} ({need} bytes)")
+            fd = self._file.fileno()
+            for piece in value.pieces:
+                if isinstance(piece, FileRange):
+                    copy_range(piece, fd, name, self._kernel_copy)
+                else:
+                    write_all(fd, piece)
+        else:
+            tensor = value
+            if name != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:  # a bug guard
+                raise SurgeryError(f"internal error: writing {name} {tuple(tensor.shape)} {tensor.dtype} into "
+                                   f"{self.path.name}, expected {want} {shape} {dtype}")
+            if tensor.numel():
+                write_all(self._file.fileno(),
+                          tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
         self._next += 1
+
+    def sync(self) -> None:
+        """Flushes the file to the disk (before it is renamed into place, for durability)."""
+        os.fsync(self._file.fileno())
 
     def close(self) -> None:
         done = self._file.tell()
@@ -239,6 +283,10 @@ class ShardWriter:
         self._file.close()
 
 
-def write_index(directory: Path, weight_map: dict, total_size: int) -> None:
+def write_index(directory: Path, weight_map: dict, total_size: int, sync: bool = False) -> None:
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    with open(directory / SAFE_INDEX, "w") as f:
+        f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
