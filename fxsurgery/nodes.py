@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch.fx
 
-__all__ = ["module_path", "module_paths", "node_tag", "describe_node", "packet"]
+__all__ = ["module_path", "module_paths", "in_module", "node_tag", "describe_node", "packet"]
 
 
 def module_paths(node: torch.fx.Node) -> list[str]:
@@ -21,6 +21,11 @@ def module_path(node: torch.fx.Node) -> str:
     """The innermost module the node was traced in ("" at the top level)."""
     paths = module_paths(node)
     return paths[-1] if paths else ""
+
+
+def in_module(node: torch.fx.Node, path: str) -> bool:
+    """Whether the node was traced inside module `path` (or one of its submodules)."""
+    return any(p == path or p.startswith(path + ".") for p in module_paths(node))
 
 
 def node_tag(node: torch.fx.Node) -> str:

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import fxsurgery as fs
-from fxsurgery.nodes import describe_node, module_path, module_paths, node_tag
+from fxsurgery.nodes import describe_node, in_module, module_path, module_paths, node_tag
 from fxsurgery.passes import SizingError
 
 OBS = ["hp", "mana", "x", "y"]
@@ -42,6 +42,12 @@ def test_a_node_is_named_with_its_innermost_module():
     assert module_path(linear) == "block.fc"
     assert node_tag(linear) == "%linear (block.fc)"
     assert describe_node(linear) == "node %linear (block.fc)"
+
+
+def test_a_node_is_in_its_modules_and_their_parents_not_in_a_prefix_of_a_name():
+    linear = _nodes()["linear"]
+    assert in_module(linear, "block") and in_module(linear, "block.fc")
+    assert not in_module(linear, "bl") and not in_module(linear, "block.f") and not in_module(linear, "out")
 
 
 def test_a_node_at_the_top_level_or_without_a_stack_has_no_module():

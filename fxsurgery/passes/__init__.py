@@ -5,21 +5,24 @@
     fs.verify(gm.meta["fxsurgery"].plan)           # this pass: the old and new model on random inputs
     fs.verify(gm.meta["fxsurgery"].composite())    # the chain: its first model against this one
 
-Modules: sizing (which positions of every value hold which members of a label class),
-placing (a new order placed in them: the new sizes), reach (every class a change drags along
-and the new shape of every value), graph (the new GraphModule: resized parameters,
-re-specialised literal shapes, the shape check), core (trace -> reach -> rewrite -> plan ->
-apply), resize (features, categories, units), structure (inserted layers, attention heads),
-infra (the passes as torch.fx pass-infrastructure citizens), record (what a pass leaves in
-gm.meta), arguments (the checks of the passes' arguments).
+Modules: layouts (which positions of every value hold which members of a label class),
+new_layouts (a new order placed in a layout: the new parts and sizes), new_shapes (every class
+a change drags along and the new shape of every value), new_module (the new GraphModule:
+resized parameters, re-specialised literal shapes, the shape check), core (the path every
+resizing pass shares: trace -> new shapes -> new module -> plan -> apply), resize (features,
+categories, units), identity_layer (a layer inserted as the identity), heads (attention heads
+added), batch (the batch size freed again), infra (the passes as torch.fx pass-infrastructure
+citizens), record (what a pass leaves in gm.meta), arguments (the checks of the passes'
+arguments).
 """
 from .core import PassError, as_traced
 from .arguments import PassTypeError
 from .record import PassRecord
 from .resize import (add_categories, add_features, prune_units, remove_features, reorder_features,
                      unit_groups, widen)
-from .sizing import Order, SizingError
-from .structure import add_heads, insert_identity_layer
+from .layouts import Order, SizingError
+from .identity_layer import insert_identity_layer
+from .heads import add_heads
 from .infra import (AddCategories, AddFeatures, AddHeads, InsertIdentityLayer, InteractionMapPass, PruneUnits,
                     RemoveFeatures, ReorderFeatures, RewritePass, Widen, rewrite_pass)
 

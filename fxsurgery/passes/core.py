@@ -26,10 +26,10 @@ from ..capture import Traced, trace
 from ..interaction_map import interaction_map
 from ..surgery.planning import plan as make_plan
 from .batch import free_batch
-from .graph import build_graph_module, check_shapes
-from .reach import reach
+from .layouts import SizingError
+from .new_module import build_graph_module, check_shapes
+from .new_shapes import reach
 from .record import PassRecord
-from .sizing import SizingError
 
 __all__ = ["PassError", "as_traced", "fingerprint", "rewrite", "finish", "META"]
 

@@ -52,9 +52,10 @@ from ..interaction_map import InteractionMap, interaction_map
 from ..label_tensor import LabelTensor
 from ..propagate import META_KEY
 from .core import META, PassError, as_traced
+from .heads import add_heads
+from .identity_layer import insert_identity_layer
 from .record import PassRecord
 from .resize import add_categories, add_features, prune_units, remove_features, reorder_features, widen
-from .structure import add_heads, insert_identity_layer
 
 __all__ = ["InteractionMapPass", "RewritePass", "rewrite_pass", "REWRITE_PASSES", "AddFeatures",
            "RemoveFeatures", "ReorderFeatures", "AddCategories", "Widen", "PruneUnits", "InsertIdentityLayer",

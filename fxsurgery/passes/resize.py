@@ -14,7 +14,7 @@ from ..surgery.planning import NEW_CATEGORIES
 from ..surgery.space import _unit_groups
 from . import arguments as arg
 from .core import Change, PassError, as_traced, new_inputs, rewrite
-from .sizing import Order
+from .layouts import Order
 
 __all__ = ["add_features", "remove_features", "reorder_features", "add_categories", "widen", "prune_units",
            "unit_groups"]

@@ -17,7 +17,7 @@ as one sequence of *parts* (the members at each position), after three simplific
   skipping rows where the class is absent, for a flattened tokens x channels axis);
 - one member on an axis of size one (a single feature, the one channel a split leaves).
 
-`placing` then puts the members of a layout in their new order and gives the new sizes.
+`new_layouts` then puts the members of a layout in their new order and gives the new sizes.
 """
 from __future__ import annotations
 

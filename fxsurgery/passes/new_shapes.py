@@ -1,5 +1,5 @@
 """The reach of a change: every class it drags along, and the new shape of every value and
-parameter of the graph (see `sizing` for how one axis is read)."""
+parameter of the graph (see `layouts` for how one axis is read)."""
 from __future__ import annotations
 
 import itertools
@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from ..nodes import describe_node
-from .placing import coupled_order, new_sizes, resize_parts
-from .sizing import Component, Sizer, SizingError, _cls
+from .layouts import Component, Sizer, SizingError, _cls
+from .new_layouts import coupled_order, new_sizes, resize_parts
 
 __all__ = ["Reach", "reach"]
 

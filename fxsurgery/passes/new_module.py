@@ -21,8 +21,8 @@ import torch
 import torch.fx
 
 from ..nodes import describe_node, packet
-from .reach import Reach
-from .sizing import SizingError
+from .layouts import SizingError
+from .new_shapes import Reach
 
 __all__ = ["build_graph_module", "initial_values", "check_shapes"]
 

@@ -18,7 +18,7 @@ embedding's units and every layer's output units added into it) must change toge
 """
 from __future__ import annotations
 
-from .sizing import ClassKey, Layout, Order, SizingError, _cls, _prod
+from .layouts import ClassKey, Layout, Order, SizingError, _cls, _prod
 
 __all__ = ["resize_parts", "new_sizes", "coupled_order"]
 
