@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import fxsurgery as fs
 from fxsurgery.surgery import plan, transplant, verify
-from fxsurgery.surgery.space import rename_prefix
+from fxsurgery.surgery.renames import rename_prefix
 from fxsurgery.zoo import FivePolicy, five_config_small
 
 OBS = ["hp", "mana", "x", "y"]

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import fxsurgery as fs
-from fxsurgery.surgery.space import SurgeryError
+from fxsurgery.surgery.errors import SurgeryError
 
 H = 8
 OBS = ["hp", "mana", "x", "y"]

@@ -11,7 +11,7 @@ from typing import Sequence
 from ..interaction_map import interaction_map
 from ..labels import Categories, Features
 from ..surgery.planning import NEW_CATEGORIES
-from ..surgery.space import _unit_groups
+from ..surgery.units import _unit_groups
 from . import arguments as arg
 from .core import Change, PassError, as_traced, new_inputs, rewrite
 from .layouts import Order

@@ -7,7 +7,7 @@ Every element of each new parameter is copied from the old element with the same
 labels it meets, the units it is aligned with), or initialised: zero where it meets a label
 the old model lacks, so that the new model starts out computing what the old one did.
 """
-from .space import SurgeryError, SurgeryWarning
+from .errors import SurgeryError, SurgeryWarning
 from .match import Match
 from .issues import Issue
 from .planning import ParamPlan, SurgeryPlan, plan, transplant

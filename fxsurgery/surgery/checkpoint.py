@@ -43,7 +43,7 @@ from .apply import build, in_place_writes
 from .checkpoint_files import ShardWriter, Source, parse_size, shard_names, write_index
 from .checkpoint_init import ModuleInit, Scratch, needs_init, rows_keeping_init
 from .checkpoint_ranges import FileRange, Parts, copy_chunks, parts, worth_it, zero_writes
-from .space import SurgeryError, _listing
+from .errors import SurgeryError, _listing
 
 __all__ = ["apply_to_checkpoint", "transplant_checkpoint", "Written"]
 

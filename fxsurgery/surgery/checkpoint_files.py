@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint_ranges import FileRange, Parts, copy_range, write_all
-from .space import SurgeryError
+from .errors import SurgeryError
 
 __all__ = ["SAFE_WEIGHTS", "SAFE_INDEX", "TensorInfo", "Source", "ShardWriter", "parse_size", "shard_names",
            "write_index"]

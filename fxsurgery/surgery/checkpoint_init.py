@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 
 from .apply import _zero_positions
+from .errors import SurgeryError
 from .match import Match
-from .space import SurgeryError
 
 __all__ = ["needs_init", "rows_keeping_init", "ModuleInit", "Scratch"]
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from .apply import _copy_regions, _index_axes, _runs, _zero_positions, _zero_writes
+from .errors import SurgeryError
 from .match import Match
-from .space import SurgeryError
 
 __all__ = ["FILE_COPY_MIN", "FileRange", "Parts", "copy_chunks", "worth_it", "zero_writes", "parts", "copy_range",
            "write_all"]

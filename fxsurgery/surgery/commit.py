@@ -21,7 +21,7 @@ import copy
 
 import torch
 
-from .space import SurgeryError
+from .errors import SurgeryError
 
 __all__ = ["Commit", "OldMemory", "state_tensors"]
 

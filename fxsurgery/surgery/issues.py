@@ -12,10 +12,10 @@ from torch.export.graph_signature import OutputKind, TensorArgument
 
 from ..propagate import META_KEY, fallbacks
 from ..terms import Terms
-from .._sort import map_distinct, unique
 from ..nodes import node_tag
+from .._sort import map_distinct, unique
 from .match import match
-from .space import LabelSpace, describe
+from .tokens import LabelSpace, describe
 
 __all__ = ["Issue", "graph_points", "output_keys", "check_points", "match_outputs", "removed_nonzero",
            "unmatched", "fallback_points", "check_fallbacks", "kept_nonfinite"]

@@ -23,7 +23,7 @@ import torch
 from ..labels import EMPTY
 from ..terms import Terms
 from .._sort import argsort, searchsorted, unique
-from .space import LabelSpace
+from .tokens import LabelSpace
 
 __all__ = ["Block", "Match", "match", "DENSE_LIMIT"]
 

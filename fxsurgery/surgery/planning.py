@@ -19,11 +19,13 @@ from ..interaction_map import interaction_map
 from ..tied import tied_names
 from .apply import build, writes_nothing
 from .commit import Commit, OldMemory, state_tensors
+from .errors import SurgeryError, SurgeryWarning, _listing
 from .issues import (Issue, check_fallbacks, check_points, fallback_points, graph_points, match_outputs, output_keys,
                      kept_nonfinite, removed_nonzero, unmatched)
 from .match import Match, match
+from .renames import check_rename, rename_prefix
 from .splits import unit_splits
-from .space import LabelSpace, SurgeryError, SurgeryWarning, _listing, check_rename, rename_prefix
+from .tokens import LabelSpace
 from . import report
 
 __all__ = ["SurgeryPlan", "ParamPlan", "plan", "transplant", "NEW_CATEGORIES"]

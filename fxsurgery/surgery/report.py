@@ -5,7 +5,7 @@ import math
 
 from tabulate import tabulate
 
-from .space import describe
+from .tokens import describe
 
 __all__ = ["table", "text", "summary", "counts", "reason"]
 

@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..labels import Categories, Features
 from .apply import select_matched
-from .space import SurgeryError
+from .errors import SurgeryError
 
 __all__ = ["verify", "Verification", "OutputDeviation"]
 

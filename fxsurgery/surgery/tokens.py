@@ -1,0 +1,188 @@
+"""Comparable label identities across two interaction maps.
+
+The old and new maps number their labels independently. A *token* is a label's identity for
+surgery: features, categories and inputs compare by (kind, input, name), never by position, so
+that a reordered feature is found at its new place; units compare by (hidden axis, position)
+after the user's renames and unit maps. Label sets become frozensets of tokens, memoised per
+set id.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..labels import Label
+from .._sort import isin, unique
+from .renames import rename_prefix
+from .splits import digits
+from .units import _unit_groups, category_units, check_units
+
+__all__ = ["LabelSpace", "describe"]
+
+
+class LabelSpace:
+    """Tokens of the labels of an old and a new map.
+
+    `units`: hidden-axis group -> the old positions that survive, in new order (new unit k is
+    old unit units[group][k]); groups are named as in the new model (the old name is accepted).
+    A string value declares an alias instead: `units={"mid": "fc1"}` says that the new hidden
+    axis `mid` belongs to an inserted layer whose unit j stands for unit j of `fc1` (new-side
+    labels of `mid` get the tokens of `fc1`'s units); see `unit_aliases`.
+    """
+
+    def __init__(self, old_map, new_map, rename=None, units=None, splits=None):
+        old_pool, new_pool = old_map.pool, new_map.pool
+        self.pools = {"old": old_pool, "new": new_pool}
+        self.rename = dict(rename or {})
+        self._ids: dict[tuple, int] = {}
+        self.info: list[Label] = []          # token -> a label to show for it
+        self.old_groups = _unit_groups(old_pool)
+        self.new_groups = _unit_groups(new_pool)
+        # new group -> {old pos: new pos}; inserted new group -> the group it stands for
+        self.unit_maps, self.unit_aliases = check_units(units, self.rename, self.old_groups, self.new_groups)
+        self._new_units = {(lab.group, lab.index): lab for lab in new_pool.labels if lab.kind == "unit"}
+        # Units that stand for categories (a tied output projection) match by category.
+        old_cat = {rename_prefix(g, self.rename): v for g, v in category_units(old_map).items()}
+        new_cat = category_units(new_map)
+        self.category_units = {"old": {g: v for g, v in old_cat.items() if g in new_cat and g not in self.unit_maps},
+                               "new": {g: v for g, v in new_cat.items() if g in old_cat and g not in self.unit_maps}}
+        # Unit axes the graph cuts into parts (fused q/k/v, heads) match part by part.
+        old_split, new_split = splits or ({}, {})
+        old_split = {rename_prefix(g, self.rename): c for g, c in old_split.items()}
+        both = {g for g in old_split if g in new_split and len(old_split[g]) == len(new_split[g])
+                and g not in self.unit_maps}
+        self.unit_splits = {"old": {g: old_split[g] for g in both}, "new": {g: new_split[g] for g in both}}
+        self.label_tokens = {
+            "old": [self._token(lab, "old") for lab in old_pool.labels],
+            "new": [self._token(lab, "new") for lab in new_pool.labels],
+        }
+        old_set, new_set = set(self.label_tokens["old"]), set(self.label_tokens["new"])
+        self.new_only = frozenset(new_set - old_set)
+        self.removed = frozenset(old_set - new_set)
+        self.categories = frozenset(t for t in old_set | new_set if self.info[t].kind == "category")
+        self.removed_data = frozenset(self.removed - self.categories)
+        self._sets: dict[str, dict[int, frozenset]] = {"old": {}, "new": {}}
+        self._tset_of: dict[str, dict[int, int]] = {"old": {}, "new": {}}
+        self._tset_ids: dict[frozenset, int] = {}
+        self.tset_tokens: list[frozenset] = []
+        self.tset_flags: list[tuple] = []
+        self.intern_tset(frozenset())  # number 0: the empty set
+
+    # tokens ---------------------------------------------------------------------------
+    def _intern(self, key: tuple, label: Label) -> int:
+        t = self._ids.get(key)
+        if t is None:
+            t = self._ids[key] = len(self.info)
+            self.info.append(label)
+        return t
+
+    def _token(self, lab: Label, side: str) -> int:
+        if lab.kind != "unit":
+            return self._intern(("x", lab.kind, lab.group, lab.name), lab)
+        if side == "new" and lab.group in self.unit_aliases:
+            # An inserted layer's unit j is the unit j of the group it stands for.
+            target = self.unit_aliases[lab.group]
+            tlab = self._new_units.get((target, lab.index)) or Label("unit", target, str(lab.index), lab.index)
+            return self._token(tlab, "new")
+        group = lab.group if side == "new" else rename_prefix(lab.group, self.rename)
+        cat = self.category_units[side].get(group, {}).get(lab.index)
+        if cat is not None:
+            return self._intern(("uc", group, cat.group, cat.name), Label("unit", group, cat.name, lab.index))
+        chunks = self.unit_splits[side].get(group)
+        if chunks is not None:
+            parts = digits(lab.index, chunks)
+            return self._intern(("us", group, parts), Label("unit", group, ".".join(map(str, parts)), lab.index))
+        if side == "new":
+            return self._intern(("u", lab.group, lab.index), lab)
+        umap = self.unit_maps.get(group)
+        if umap is None:
+            index = lab.index
+        else:
+            index = umap.get(lab.index)
+            if index is None:  # pruned: a label the new model lacks
+                return self._intern(("pruned", group, lab.index), lab)
+        return self._intern(("u", group, index), Label("unit", group, str(index), index))
+
+    def tokens(self, side: str, set_id: int) -> frozenset:
+        memo = self._sets[side]
+        s = memo.get(set_id)
+        if s is None:
+            lt = self.label_tokens[side]
+            s = memo[set_id] = frozenset(lt[i] for i in self.pools[side].sets[set_id])
+        return s
+
+    # token sets: label sets of either side, numbered once -------------------------------
+    def tset(self, side: str, set_id: int) -> int:
+        """The number of the token set of a set id (equal sets of both sides: equal numbers)."""
+        memo = self._tset_of[side]
+        t = memo.get(set_id)
+        if t is None:
+            t = memo[set_id] = self.intern_tset(self.tokens(side, set_id))
+        return t
+
+    def intern_tset(self, toks: frozenset) -> int:
+        t = self._tset_ids.get(toks)
+        if t is None:
+            t = self._tset_ids[toks] = len(self.tset_tokens)
+            self.tset_tokens.append(toks)
+            new = toks & self.new_only
+            gone = toks & self.removed
+            self.tset_flags.append((bool(new), bool(new) and new <= self.categories, bool(gone),
+                                    bool(gone & self.removed_data)))
+        return t
+
+    def translate(self, side: str, ids: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Token-set numbers of an id tensor (same shape), and the distinct numbers found."""
+        uniq, inverse = unique(ids)
+        memo = self._tset_of[side]
+        keys = uniq.tolist()
+        missing = [k for k in keys if k not in memo]
+        if missing:
+            lt, sets, intern = self.label_tokens[side], self.pools[side].sets, self.intern_tset
+            for k in missing:
+                memo[k] = intern(frozenset(map(lt.__getitem__, sets[k])))
+        vals = list(map(memo.__getitem__, keys))
+        out = torch.tensor(vals, dtype=torch.int64).index_select(0, inverse.reshape(-1)).reshape(inverse.shape)
+        return out, vals
+
+    def flags(self, tsets: torch.Tensor, uniq: list[int], which: int) -> torch.Tensor:
+        """A flag of each token set of `tsets` (whose distinct values are `uniq`): 0 holds a new
+        label, 1 ... and all of them categories, 2 holds a removed label, 3 holds a removed
+        feature, input or unit."""
+        f = self.tset_flags
+        hits = [t for t in uniq if f[t][which]]
+        if not hits:
+            return torch.zeros(tsets.shape, dtype=torch.bool)
+        if len(hits) == 1:
+            return tsets == hits[0]
+        return isin(tsets, hits)
+
+    def label(self, token: int) -> Label:
+        return self.info[token]
+
+    def inserted(self, group: str) -> str | None:
+        """The group an inserted hidden axis stands for (None if `group` is not an alias)."""
+        return self.unit_aliases.get(group)
+
+
+def describe(tokens, space: LabelSpace, limit: int = 3) -> str:
+    """A short text for a set of tokens: `obs: armor, speed; fc1 +16 units`."""
+    by_group: dict[tuple[str, str], list[Label]] = {}
+    for t in tokens:
+        lab = space.label(t)
+        by_group.setdefault((lab.kind, lab.group), []).append(lab)
+    parts = []
+    for (kind, group), labs in sorted(by_group.items()):
+        labs.sort(key=lambda l: (l.index, l.name))
+        if kind == "unit":
+            idx = [l.index for l in labs]
+            if len(idx) <= limit:
+                parts.append(f"{group}[{', '.join(map(str, idx))}]")
+            else:
+                parts.append(f"{len(idx)} units of {group}")
+        elif kind == "input":
+            parts.append(f"input {group}")
+        else:
+            names = [l.name for l in labs]
+            shown = ", ".join(names[:limit]) + (f" (+{len(names) - limit})" if len(names) > limit else "")
+            parts.append(f"{group}: {shown}")
+    return "; ".join(parts)
