@@ -11,7 +11,7 @@ from typing import Sequence
 from ..interaction_map import interaction_map
 from ..labels import Categories, Features
 from ..surgery.planning import NEW_CATEGORIES
-from ..surgery.units import _unit_groups
+from ..surgery.units import unit_sizes
 from . import arguments as arg
 from .core import Change, PassError, as_traced, new_inputs, rewrite
 from .layouts import Order
@@ -145,7 +145,7 @@ def unit_groups(traced, imap=None) -> dict[str, int]:
     """The hidden axes of a traced model and their sizes (the unit groups a widen can name;
     an LSTM's gate labels are not axes of their own). `imap`: its map, if already made."""
     imap = imap if imap is not None else interaction_map(traced)
-    return {g: n for g, n in _unit_groups(imap.pool).items() if not g.endswith(".gate")}
+    return {g: n for g, n in unit_sizes(imap.pool).items() if not g.endswith(".gate")}
 
 
 def _groups(traced, imap, name: str, what: str) -> dict[str, int]:

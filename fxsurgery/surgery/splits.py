@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..propagate import META_KEY
+from .units import unit_sizes
 
 __all__ = ["unit_splits", "digits"]
 
@@ -71,10 +72,7 @@ def _inner(lt) -> int | None:
 
 def unit_splits(traced, pool) -> dict[str, list[int]]:
     """Per unit group, the chunk sizes its axis is cut into by the graph, outermost first."""
-    sizes: dict[str, int] = {}
-    for lab in pool.labels:
-        if lab.kind == "unit":
-            sizes[lab.group] = max(sizes.get(lab.group, 0), lab.index + 1)
+    sizes = unit_sizes(pool)
     found: dict[str, set[int]] = {}
     for node in traced.graph.nodes:
         if node.op != "call_function" or not hasattr(node.target, "_schema") or not node.args:

@@ -14,7 +14,7 @@ from ..labels import Label
 from .._sort import isin, unique
 from .renames import rename_prefix
 from .splits import digits
-from .units import _unit_groups, category_units, check_units
+from .units import category_units, check_units, unit_sizes
 
 __all__ = ["LabelSpace", "describe"]
 
@@ -35,8 +35,8 @@ class LabelSpace:
         self.rename = dict(rename or {})
         self._ids: dict[tuple, int] = {}
         self.info: list[Label] = []          # token -> a label to show for it
-        self.old_groups = _unit_groups(old_pool)
-        self.new_groups = _unit_groups(new_pool)
+        self.old_groups = unit_sizes(old_pool)
+        self.new_groups = unit_sizes(new_pool)
         # new group -> {old pos: new pos}; inserted new group -> the group it stands for
         self.unit_maps, self.unit_aliases = check_units(units, self.rename, self.old_groups, self.new_groups)
         self._new_units = {(lab.group, lab.index): lab for lab in new_pool.labels if lab.kind == "unit"}

@@ -10,7 +10,7 @@ from .._sort import unique
 from .errors import SurgeryError, _listing
 from .renames import rename_prefix
 
-__all__ = ["category_units", "check_units"]
+__all__ = ["unit_sizes", "category_units", "check_units"]
 
 
 def _axis_ids(terms, d: int, pool):
@@ -60,7 +60,7 @@ def category_units(imap) -> dict[str, dict[int, Label]]:
     return found
 
 
-def _unit_groups(pool) -> dict[str, int]:
+def unit_sizes(pool) -> dict[str, int]:
     """Hidden-axis group -> its number of units, read off a map's labels."""
     sizes: dict[str, int] = {}
     for lab in pool.labels:
