@@ -134,9 +134,28 @@ def _call_factory(spec: str):
             raise CliError(f"factory {spec!r} failed: {type(err).__name__}: {one_line(err)}") from err
 
 
-def build(spec: str, inputs_args, features_path, device: str):
-    """Calls the factory and returns (model, inputs dict, features dict)."""
-    made = _call_factory(spec)
+def _call_on_meta(spec: str):
+    """The factory called with the meta device as the default: its model has no storage (a
+    checkpoint is streamed instead). A factory that cannot run so (it loads weights, say) is
+    called as usual, and its model moved to meta afterwards."""
+    try:
+        with torch.device("meta"):
+            return _call_factory(spec)
+    except CliError:
+        return _call_factory(spec)
+
+
+def _to_meta(model: torch.nn.Module, inputs: dict) -> tuple[torch.nn.Module, dict]:
+    if any(not t.is_meta for t in model.state_dict(keep_vars=True).values()):
+        model = model.to("meta")
+    inputs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    return model, inputs
+
+
+def build(spec: str, inputs_args, features_path, device: str, meta: bool = False):
+    """Calls the factory and returns (model, inputs dict, features dict). meta: the model and
+    its example inputs on the meta device (for streaming a checkpoint)."""
+    made = _call_on_meta(spec) if meta else _call_factory(spec)
     if isinstance(made, torch.nn.Module):
         model, inputs, features = made, {}, {}
     elif isinstance(made, tuple) and len(made) == 3 and isinstance(made[0], torch.nn.Module):
@@ -150,6 +169,9 @@ def build(spec: str, inputs_args, features_path, device: str):
         raise CliError(f"factory {spec!r} returned {what}; expected a module or "
                        "(module, example_inputs, features)")
     inputs = dict(inputs)
+    if meta:
+        model, inputs = _to_meta(model, inputs)
+        device = "meta"
     for text in inputs_args or []:
         name, shape, dtype = parse_input(text)
         try:

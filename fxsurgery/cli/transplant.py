@@ -1,17 +1,27 @@
 """`fxsurgery transplant --old ... --new ... --old-weights old.pt -o new.pt`: carry an old
 checkpoint's weights into a new model and save its state dict (`torch.save`, or a
-`.safetensors` file). The output is checked before any work and written atomically."""
+`.safetensors` file). The output is checked before any work and written atomically.
+
+With `-o DIR` (a directory: no file suffix, or an existing checkpoint directory) both models
+are built on the meta device and the old checkpoint (a directory of safetensors shards, a
+`.safetensors` or a state_dict file) is streamed into DIR tensor by tensor, in transformers'
+layout, with the new model's `config.json` when it has one: a checkpoint larger than memory
+needs memory for a few tensors only. DIR appears complete or not at all; an existing one is
+replaced whole."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 
 import torch
 
+from .checkpoints import check_output_directory, config_files, init_of, is_directory_output, stream
 from .common import log
 from .errors import CliError
+from .factories import build, capture
 from .files import Outputs, check_distinct, check_output
-from .plan import add_model_arguments, input_files, make_plan, print_plan
+from .plan import _rename, _units, add_model_arguments, input_files, make_plan, print_plan
 
 __all__ = ["add_parser", "check_outputs", "apply_plan", "save", "run"]
 
@@ -55,7 +65,48 @@ def save(model: torch.nn.Module, path: str) -> None:
         out.commit()
 
 
+def make_meta_plan(args):
+    """Both models on the meta device, traced and planned: the plan a checkpoint streams through."""
+    from ..surgery import plan
+
+    t0 = time.perf_counter()
+    log(args, f"building {args.old} and {args.new} on the meta device")
+    old, old_inputs, old_features = build(args.old, args.input_old, args.features_old, args.device, meta=True)
+    new, new_inputs, new_features = build(args.new, args.input_new, args.features_new, args.device, meta=True)
+    log(args, "tracing and planning")
+    p = plan(capture(old, old_inputs, old_features), capture(new, new_inputs, new_features),
+             rename=_rename(args.rename), units=_units(args.units), strict=args.strict,
+             new_categories=args.new_categories)
+    log(args, f"  planned in {time.perf_counter() - t0:.1f}s")
+    return p
+
+
+def run_streaming(args) -> int:
+    if args.verify:
+        raise CliError("--verify needs both models in memory, and with -o a directory they stay on the meta "
+                       "device (the weights are streamed); load the written checkpoint to check it, or write "
+                       "a file (-o new.pt)")
+    check_output_directory(args.output, "-o", input_files(args))
+    if not os.path.exists(args.old_weights):
+        raise CliError(f"checkpoint --old-weights {args.old_weights!r} does not exist")
+    p = make_meta_plan(args)
+    t0 = time.perf_counter()
+    written = stream([p], args.old_weights, args.output, args, init=init_of(p.new.model),
+                     config=config_files(p.new.model))
+    log(args, f"  streamed in {time.perf_counter() - t0:.1f}s")
+    print_plan(p, args)
+    extra = ", config.json" if config_files(p.new.model) else ""
+    print(f"wrote {args.output} ({len(written.files)} safetensors file{'s' if len(written.files) != 1 else ''}"
+          f"{extra}, {written.total_size:,} bytes of weights)")
+    return 0
+
+
 def run(args) -> int:
+    if is_directory_output(args.output):
+        return run_streaming(args)
+    if os.path.isdir(args.old_weights):
+        raise CliError(f"--old-weights {args.old_weights!r} is a checkpoint directory: give -o a directory too "
+                       "(the weights are streamed into it shard by shard), or a single checkpoint file")
     check_outputs(args)
     p = make_plan(args, need_weights=True)
     model = apply_plan(p, args)
@@ -71,8 +122,11 @@ def run(args) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("transplant", help=HELP, description=HELP)
     add_model_arguments(p)
-    p.add_argument("--old-weights", required=True, help="the old model's checkpoint (.pt or .safetensors)")
-    p.add_argument("-o", "--output", required=True, help="where to write the new checkpoint")
+    p.add_argument("--old-weights", required=True,
+                   help="the old model's checkpoint (.pt or .safetensors, or a directory of safetensors shards)")
+    p.add_argument("-o", "--output", required=True,
+                   help="where to write the new checkpoint: a .pt or .safetensors file, or a directory "
+                        "(streamed shard by shard, the models on the meta device)")
     p.add_argument("--verify", type=int, default=0, metavar="N",
                    help="compare old and new on N random inputs after the transplant")
     p.set_defaults(run=run)

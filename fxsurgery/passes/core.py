@@ -135,7 +135,8 @@ def finish(gm: torch.fx.GraphModule, traced: Traced, change: Change, shapes: dic
         warnings.simplefilter("ignore", UserWarning)
         new = trace(gm, inputs, change.descriptions)
     p = make_plan(traced, new, units=units or None, new_categories=change.new_categories)
-    p.apply()
+    if not any(t.is_meta for t in gm.state_dict(keep_vars=True).values()):   # meta: planned only, streamed later
+        p.apply()
     # The chain continues when this pass started from the unchanged output of an earlier one.
     before = getattr(traced.model, "meta", None)
     before = before.get(META) if isinstance(before, dict) else None

@@ -74,7 +74,8 @@ def apply_to_checkpoint(plan, src, dst, *, init: Callable[[torch.nn.Module], Non
                         max_shard_size=None, dtype: torch.dtype | None = None,
                         progress: bool | Callable[[str, int, int], None] | None = None,
                         overwrite: bool = False, strict: bool = True, init_rows: bool | None = None,
-                        sync: bool = False, extra_files: dict | None = None) -> Written:
+                        sync: bool = False, extra_files: dict | None = None,
+                        init_like: torch.nn.Module | None = None) -> Written:
     """Carries the weights of the checkpoint `src` through `plan` into a new checkpoint
     directory `dst`, one tensor at a time. The models the plan was made from may be on the
     meta device; they are only read (structure, and the new model's initialisation).
@@ -90,8 +91,8 @@ def apply_to_checkpoint(plan, src, dst, *, init: Callable[[torch.nn.Module], Non
         model's values (new units' rows, new output rows). Default: the module's
         reset_parameters. For transformers models pass `init=new_model._init_weights`.
     max_shard_size: bytes (or "5GB", "2GiB") per output shard, as transformers' save_pretrained
-        splits (a tensor larger than it gets a shard of its own). Default: the size of the
-        largest source file, so that the output is sharded like the source.
+        splits (a tensor larger than it gets a shard of its own). Default: sharded like the
+        source (one file for one file, else shards of at most the size of its largest file).
     dtype: the floating dtype of the output. Default: each tensor keeps the dtype of the old
         tensor it comes from (bf16 in, bf16 out); new tensors take the source's floating dtype
         when it has one, else the new model's.
@@ -108,6 +109,10 @@ def apply_to_checkpoint(plan, src, dst, *, init: Callable[[torch.nn.Module], Non
         the number of rows (xavier, orthogonal, fan_out).
     sync: fsync every file and the directories before and after the rename, so that the
         checkpoint survives a power loss once this returns (the command line does).
+    init_like: a model whose module at the same path says how to initialise a new model's module
+        of another class (its class's reset_parameters, or `init` called on it): for the
+        GraphModules of fxsurgery.passes, whose submodules are plain Modules, pass the model
+        they were made from.
     extra_files: file name -> callable(path) writing it into the output directory before
         it is renamed into place (a config.json), so that it is part of the same all-or-nothing.
 
@@ -119,12 +124,15 @@ def apply_to_checkpoint(plan, src, dst, *, init: Callable[[torch.nn.Module], Non
     _check_destination(src_path, dst, overwrite)
     source = Source(src_path)
     outs = _outputs(plan, source, dtype, strict)
-    limit = parse_size(max_shard_size) if max_shard_size is not None else max(source.largest_file, 1)
+    if max_shard_size is not None:
+        limit = parse_size(max_shard_size)
+    else:   # sharded like the source: one file for one file, else shards as large as its largest
+        limit = max(source.largest_file, 1) if source.file_count > 1 else float("inf")
     shards = _split(outs, limit)
     names = shard_names(len(shards))
     total = sum(o.nbytes for o in outs)
     report, close_bar = _progress(progress, total)
-    values, scratch = ModuleInit(plan.new.model, init), Scratch()
+    values, scratch = ModuleInit(plan.new.model, init, like=init_like), Scratch()
     rows_ok = init_rows if init_rows is not None else (init is None or getattr(init, "__name__", "") == "_init_weights")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
     try:

@@ -186,6 +186,10 @@ class Source:
             return f.get_tensor(name)
 
     @property
+    def file_count(self) -> int:
+        return len({info.file for info in self.infos.values()})
+
+    @property
     def largest_file(self) -> int:
         """Bytes of tensor data in the largest source file."""
         sizes: dict[Path, int] = {}

@@ -90,9 +90,11 @@ class ModuleInit:
     """`values(name, dtype)`: the new model's initial value of the state entry `name`. The last
     module materialised is kept (its other parameters usually come next)."""
 
-    def __init__(self, model: torch.nn.Module, init: Callable[[torch.nn.Module], None] | None = None):
+    def __init__(self, model: torch.nn.Module, init: Callable[[torch.nn.Module], None] | None = None,
+                 like: torch.nn.Module | None = None):
         self.model = model
         self.init = init
+        self.like = like
         self._prefix = None
         self._module = None
 
@@ -152,8 +154,28 @@ class ModuleInit:
         c._buffers = {k: None if v is None else _fresh(v, dtype) for k, v in module._buffers.items()}
         return c
 
+    def _as_like(self, c: torch.nn.Module, prefix: str) -> torch.nn.Module:
+        """`c` seen as the module at `prefix` of `like` (same class and attributes, c's own
+        tensors), when that one is of another class and has the same tensor names: a
+        GraphModule made by the passes holds plain Modules where the model had Linear, Conv,
+        Embedding, and those classes' initialisation is what a new element should get."""
+        if self.like is None:
+            return c
+        try:
+            template = self.like.get_submodule(prefix)
+        except AttributeError:
+            return c
+        if type(template) is type(c) or set(template._parameters) != set(c._parameters) or \
+                set(template._buffers) != set(c._buffers):
+            return c
+        t = copy.copy(template)
+        t._modules = {}
+        t._parameters, t._buffers = c._parameters, c._buffers     # the same tensors: initialised in place
+        return t
+
     def _initialise(self, c: torch.nn.Module, module: torch.nn.Module, prefix: str, name: str) -> None:
-        what = f"the new model's module {prefix or '(root)'} ({type(module).__name__}), owner of {name}"
+        c = self._as_like(c, prefix)
+        what = f"the new model's module {prefix or '(root)'} ({type(c).__name__}), owner of {name}"
         with torch.no_grad():
             if self.init is not None:
                 try:
@@ -166,12 +188,12 @@ class ModuleInit:
             if not methods:
                 raise SurgeryError(f"{what} has no reset_parameters to give the new elements of {name} their "
                                    "initial values; pass init=callable(module) (for a transformers model: "
-                                   "init=model._init_weights)")
+                                   "init=model._init_weights), or init_like=the model it was made from")
             try:
                 for method in methods:
                     method()
             except Exception as e:
-                raise SurgeryError(f"{what}: {type(module).__name__}.reset_parameters failed on a copy of that "
+                raise SurgeryError(f"{what}: {type(c).__name__}.reset_parameters failed on a copy of that "
                                    f"module alone ({e!r}); pass init=callable(module)") from e
 
 
