@@ -323,3 +323,47 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10 ** 9 and parse_size("2GiB") == 2 << 30 and parse_size(123) == 123
     with pytest.raises(fs.SurgeryError, match="max_shard_size"):
         parse_size("lots")
+
+
+def test_copied_stretches_never_pass_through_torch(meta_plan, old_dir, tmp_path, monkeypatch):
+    """Every tensor of this surgery (unchanged, rows added, columns added) is carried as byte
+    ranges of the source: the same checkpoint whichever way the ranges are copied."""
+    from fxsurgery.surgery import checkpoint_files, checkpoint_ranges
+    meta_plan.apply_to_checkpoint(old_dir, tmp_path / "torch", init=_const_init, max_shard_size="30KB",
+                                  dtype=torch.float64)    # a conversion: the torch route, for reference
+    expected = {k: v.to(torch.float32) for k, v in _load_dir(tmp_path / "torch").items()}
+
+    def no_torch(self, name):
+        raise AssertionError(f"{name} was read through torch")
+    monkeypatch.setattr(checkpoint_files.Source, "read", no_torch)
+    calls = []
+    real = os.copy_file_range
+
+    def counting(*a):
+        calls.append(a[2])
+        return real(*a)
+    monkeypatch.setattr(checkpoint_ranges.os, "copy_file_range", counting)
+    digests = []
+    for i, (file_copy_min, refuse) in enumerate([(1 << 20, False), (0, False), (0, True), (1 << 40, False)]):
+        monkeypatch.setattr(checkpoint_ranges, "FILE_COPY_MIN", file_copy_min)
+        if refuse:       # a file system without copy_file_range: read and write instead
+            monkeypatch.setattr(checkpoint_ranges.os, "copy_file_range",
+                                lambda *a: (_ for _ in ()).throw(OSError(18, "Invalid cross-device link")))
+        calls.clear()
+        meta_plan.apply_to_checkpoint(old_dir, tmp_path / str(i), init=_const_init, max_shard_size="30KB")
+        assert bool(calls) == (i in (0, 1))   # the kernel copies whole tensors (and old rows at 0), until refused
+        got = _load_dir(tmp_path / str(i))
+        assert sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in got)
+        digests.append(_digest(tmp_path / str(i)))
+    assert all(d == digests[0] for d in digests)
+
+
+def test_a_truncated_shard_is_refused_before_anything_is_written(meta_plan, old_dir, tmp_path):
+    import shutil
+    src = tmp_path / "old"
+    shutil.copytree(old_dir, src)
+    shard = sorted(src.glob("*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(fs.SurgeryError, match=rf"{shard.name} is shorter than its header says.*truncated"):
+        meta_plan.apply_to_checkpoint(src, tmp_path / "new")
+    assert sorted(os.listdir(tmp_path)) == ["old"]
