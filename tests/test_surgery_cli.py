@@ -180,9 +180,9 @@ def test_an_output_that_cannot_be_written_fails_before_the_work(tmp_path, capsys
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and "folder" in lines[0] and "missing_dir" in lines[0], captured.err
     assert captured.out == "" and not (tmp_path / "missing_dir").exists()    # nothing built, applied or printed
-    # A folder is a checkpoint directory to stream into, replaced whole: not one holding other files.
+    # A folder is a checkpoint directory to stream into, replaced whole: never one holding an input.
     assert main(base + [str(tmp_path)]) == 2
-    assert "holds files that are not a checkpoint's (old.pt)" in capsys.readouterr().err
+    assert "holds the old checkpoint (--old-weights)" in capsys.readouterr().err
 
 
 def test_the_output_is_never_the_old_checkpoint(tmp_path, capsys):
