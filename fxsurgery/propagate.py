@@ -65,13 +65,13 @@ def input_labels(name: str, desc, shape, pool: SetPool) -> LabelTensor:
 def _input_labels(name: str, desc, shape, pool: SetPool) -> LabelTensor:
     if isinstance(desc, Features):
         dim = desc.dim % len(shape)
-        ids = torch.tensor([pool.singleton(Label("feature", name, n, i)) for i, n in enumerate(desc.names)],
-                           dtype=torch.int64)
+        ids = pool.singletons(pool.label_ids("feature", name, desc.names))
         view = [1] * len(shape)
         view[dim] = len(desc)
         return LabelTensor(ids.reshape(view), shape)
     if isinstance(desc, Categories):
-        every = pool.intern(pool.label_id(Label("category", name, n, i)) for i, n in enumerate(desc.names))
+        members = pool.label_ids("category", name, desc.names)
+        every = int(pool.intern_segments(members, torch.zeros_like(members), 1)[0])
         return LabelTensor.of_set(shape, every)
     return LabelTensor.of_set(shape, pool.singleton(Label("input", name, name, 0)))
 
@@ -133,8 +133,7 @@ class LabelPropagator(torch.fx.Interpreter):
         key = (group, n)
         ids = self._units.get(key)
         if ids is None:
-            ids = torch.tensor([self.pool.singleton(Label("unit", group, str(i), i)) for i in range(n)],
-                               dtype=torch.int64)
+            ids = self.pool.singletons(self.pool.unit_label_ids(group, n))
             self._units[key] = ids
         return ids
 
