@@ -9,7 +9,7 @@ peak resident memory (getrusage of the child alone, so models do not inherit eac
 
 Models:
   five_large   fxsurgery.zoo.five_large: 36 groups, 16,000 features, a 4096-unit LSTM
-  five_many    400 groups of 40 features (16,000), LSTM 1024
+  five_many    100 groups of 160 features (16,000), LSTM 1024
   five_wide    3 groups of 8,000 features, LSTM 2048
   llama2       a Llama-3-8B-shaped decoder with 2 layers (hidden 4096, MLP 14336, 32/8 heads,
                vocabulary 128,256 as fs.Categories); modified copy: 8 tokens more, MLP 256 wider
@@ -38,8 +38,8 @@ def _five(kind):
         return zoo.five_large("meta"), None
     names = zoo._names
     if kind == "five_many":
-        groups = {f"g{i}": (4, names(f"g{i}", 40)) for i in range(400)}
-        cfg = zoo.FiveConfig(groups=groups, encoder_width=16, core=1024, heads={"a": 64, "b": 8})
+        groups = {f"g{i}": (4, names(f"g{i}", 160)) for i in range(100)}
+        cfg = zoo.FiveConfig(groups=groups, encoder_width=32, core=1024, heads={"a": 64, "b": 8})
     else:
         groups = {f"g{i}": (8, names(f"g{i}", 8000)) for i in range(3)}
         cfg = zoo.FiveConfig(groups=groups, encoder_width=128, core=2048, heads={"a": 256})
@@ -108,6 +108,7 @@ def main() -> None:
     p.add_argument("--models", default="five_large,five_many,five_wide,llama2")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--child", default=None)
+    p.add_argument("--root", default=ROOT, help="the fxsurgery checkout to measure (default: this one)")
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.repeat)))
@@ -116,7 +117,8 @@ def main() -> None:
           f"{'plan*':>7s} {'plan*/e2':>8s} {'peak MB':>8s}")
     for kind in args.models.split(","):
         r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", kind, "--repeat", str(args.repeat)],
-                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+                           capture_output=True, text=True, cwd=args.root,
+                           env={**os.environ, "PYTHONPATH": args.root})
         if r.returncode:
             print(f"{kind:10s} failed:\n{r.stderr[-2000:]}")
             continue

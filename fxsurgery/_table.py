@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Buffer", "Table", "set_hash", "gather_segments"]
+__all__ = ["Buffer", "Table", "set_hash", "set_hash_py", "gather_segments"]
 
 _M1 = -4658895280553007687     # 0xBF58476D1CE4E5B9 as a signed int64 (splitmix64's multipliers)
 _M2 = -7723592293110705685     # 0x94D049BB133111EB
@@ -41,6 +41,31 @@ def set_hash(members: torch.Tensor, segment: torch.Tensor, n: int) -> tuple[torc
         h.index_add_(0, segment, _mix(members ^ seed))
         out.append(h)
     return out[0], out[1]
+
+
+_MASK = (1 << 64) - 1
+
+
+def _mix_py(x: int) -> int:
+    x = ((x ^ (x >> 30)) * (_M1 & _MASK)) & _MASK
+    x = ((x ^ (x >> 27)) * (_M2 & _MASK)) & _MASK
+    return x ^ (x >> 31)
+
+
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >> 63 else x
+
+
+_SEEDS_PY = tuple(s & _MASK for s in _SEEDS)
+
+
+def set_hash_py(members) -> tuple[int, int]:
+    """`set_hash` of one set in Python integers (bit for bit the same), for small batches where
+    a tensor call costs more than the arithmetic."""
+    a, b = _SEEDS_PY
+    h1 = sum(_mix_py(m ^ a) for m in members) & _MASK
+    h2 = sum(_mix_py(m ^ b) for m in members) & _MASK
+    return _signed(h1), _signed(h2)
 
 
 def gather_segments(flat: torch.Tensor, offsets: torch.Tensor, which: torch.Tensor):

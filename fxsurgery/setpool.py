@@ -23,11 +23,15 @@ from typing import Iterable, NamedTuple, Sequence
 import torch
 
 from ._sort import one_thread, unique
-from ._table import Buffer, Table, gather_segments, set_hash
+from ._table import Buffer, Table, gather_segments, set_hash, set_hash_py
 
 __all__ = ["SetPool", "EMPTY", "KINDS"]
 
 EMPTY = 0  # id of the empty set in every pool
+# Batches up to this many members (or pairs) are interned in Python: on a small model a tensor
+# call costs more than the arithmetic, and the map of a small model was 4x slower than with
+# Python sets before this path. Both paths read and write one index, so ids stay canonical.
+SMALL = 96
 KINDS = ("feature", "category", "input", "unit")
 
 
@@ -56,6 +60,8 @@ class _Labels(Sequence):
 
     def __init__(self, pool: "SetPool"):
         self._pool = pool
+        self._cache: list = []
+        self._done = 0  # ranges whose Labels are in _cache
 
     def __len__(self) -> int:
         return self._pool.n_labels
@@ -63,14 +69,21 @@ class _Labels(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        return self._pool.label(int(i))
+        i = int(i)
+        if 0 <= i < len(self._cache):
+            return self._cache[i]
+        return self._pool.label(i)
 
     def __iter__(self):
-        from .labels import Label
-        for r in self._pool._ranges:
-            for k in range(r.n):
-                index = r.first + k
-                yield Label(r.kind, r.group, r.names[k] if r.names is not None else str(index), index)
+        # Code that walks every label (reports, the planner's tokens) walks them more than once:
+        # the Labels are made on the first walk and kept.
+        if len(self._cache) < self._pool.n_labels:
+            from .labels import Label
+            for r in self._pool._ranges[self._done:]:
+                self._cache.extend(Label(r.kind, r.group, r.names[k] if r.names is not None else str(r.first + k),
+                                         r.first + k) for k in range(r.n))
+            self._done = len(self._pool._ranges)
+        return iter(self._cache)
 
     def __contains__(self, label) -> bool:
         return self._pool.find_label(label) is not None
@@ -81,6 +94,7 @@ class _Sets(Sequence):
 
     def __init__(self, pool: "SetPool"):
         self._pool = pool
+        self._memo: dict[int, frozenset] = {}  # a set never changes once interned
 
     def __len__(self) -> int:
         return self._pool.n_sets
@@ -88,7 +102,13 @@ class _Sets(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        return frozenset(self._pool.members_of(int(i)).tolist())
+        i = int(i)
+        s = self._memo.get(i)
+        if s is None:
+            if not 0 <= i < self._pool.n_sets:
+                raise IndexError(f"set id {i} out of range (the pool has {self._pool.n_sets} sets)")
+            s = self._memo[i] = frozenset(self._pool.members_of(int(i)).tolist())
+        return s
 
 
 class SetPool:
@@ -111,6 +131,10 @@ class SetPool:
         self._index = Buffer()                   # per label id: its Label.index
         self._sets = Table()                     # (hash1, hash2) -> set id, sets of 2+ labels
         self._unions = Table()                   # (smaller id, larger id) -> id of their union
+        # The same two indexes as dicts, for the small-batch path; each entry is written once
+        # (dict.update over zipped lists: no Python bytecode per entry).
+        self._sets_py: dict[tuple[int, int], int] = {}
+        self._unions_py: dict[tuple[int, int], int] = {}
         self.labels = _Labels(self)
         self.sets = _Sets(self)
 
@@ -178,6 +202,16 @@ class SetPool:
         from .labels import Label  # units made one by one, out of order: label by label
         return torch.tensor([self.label_id(Label("unit", group, str(i), i)) for i in range(n)], dtype=torch.int64)
 
+    def class_sizes(self, kinds=KINDS) -> dict[tuple[str, str], int]:
+        """(kind, group) -> one more than the largest Label.index of the group, from the ranges
+        (no Label made): the size of a hidden axis, of a feature axis, of a vocabulary."""
+        out: dict[tuple[str, str], int] = {}
+        for r in self._ranges:
+            if r.kind in kinds:
+                k = (r.kind, r.group)
+                out[k] = max(out.get(k, 0), r.first + r.n)
+        return out
+
     def label(self, i: int):
         from .labels import Label
         if not 0 <= i < self.n_labels:
@@ -234,6 +268,11 @@ class SetPool:
     def intern_segments(self, members: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
         """Set ids of `n` sets given as label ids tagged with their set's segment in [0, n)
         (any order, repeats allowed)."""
+        if members.numel() <= SMALL and n <= SMALL:
+            groups: list[set] = [set() for _ in range(n)]
+            for sgm, m in zip(segment.tolist(), members.tolist()):
+                groups[sgm].add(m)
+            return torch.tensor(self._intern_py([sorted(g) for g in groups]), dtype=torch.int64)
         with one_thread():
             if members.numel():
                 n_lab = max(self.n_labels, 1)
@@ -256,11 +295,18 @@ class SetPool:
 
     def _intern_hashed(self, h1, h2, members, segment, rows):
         """Set ids of the sets `rows` (segments of `members`), found or stored by hash."""
-        pairs = torch.stack([h1, h2], 1)
-        uniq, inverse = torch.unique(pairs, dim=0, return_inverse=True)
-        first = torch.full((uniq.shape[0],), rows.numel(), dtype=torch.int64)
+        # Distinct sets of the batch by their first hash (unique over pairs is several times
+        # slower); two sets of one batch sharing it and differing in the second is a 2^-64 event
+        # that is checked, never assumed away.
+        u1, inverse = torch.unique(h1, return_inverse=True)
+        first = torch.full((u1.numel(),), rows.numel(), dtype=torch.int64)
         first.scatter_reduce_(0, inverse, torch.arange(rows.numel()), reduce="amin")
-        ids = self._sets.get(uniq[:, 0], uniq[:, 1])
+        u2 = h2[first]
+        if not bool((u2[inverse] == h2).all()):
+            raise RuntimeError("label-set hash collision (two distinct sets share a 64-bit hash); "
+                               "please report this model")
+        uniq = torch.stack([u1, u2], 1)
+        ids = self._sets.get(u1, u2)
         new = torch.nonzero(ids < 0).reshape(-1)
         if new.numel():
             new_rows = rows[first[new]]                      # segments holding the new sets
@@ -276,8 +322,39 @@ class SetPool:
             self._keys.append((assigned[which[take]] << 31) | members[take])
             self._offsets.append(torch.cumsum(counts, 0) + self._offsets.data[self.n_sets])
             self._sets.put(uniq[new, 0], uniq[new, 1], assigned)
+            self._sets_py.update(zip(zip(uniq[new, 0].tolist(), uniq[new, 1].tolist()), assigned.tolist()))
             ids[new] = assigned
         return ids[inverse]
+
+    def _intern_py(self, sets: list[list[int]]) -> list[int]:
+        """Ids of sets given as sorted lists of distinct label ids; new ones stored as one batch."""
+        out, new, new_keys = [], {}, []
+        single = self._singleton.data
+        for ms in sets:
+            if not ms:
+                out.append(EMPTY)
+            elif len(ms) == 1:
+                out.append(int(single[ms[0]]))
+            else:
+                key = set_hash_py(ms)
+                i = self._sets_py.get(key)
+                if i is None:
+                    i = new.get(key)
+                    if i is None:
+                        i = new[key] = self.n_sets + len(new)
+                        new_keys.append((key, ms))
+                out.append(i)
+        if new_keys:
+            members = torch.tensor([m for _, ms in new_keys for m in ms], dtype=torch.int64)
+            counts = torch.tensor([len(ms) for _, ms in new_keys], dtype=torch.int64)
+            assigned = torch.arange(self.n_sets, self.n_sets + len(new_keys), dtype=torch.int64)
+            self._members.append(members)
+            self._keys.append((torch.repeat_interleave(assigned, counts) << 31) | members)
+            self._offsets.append(torch.cumsum(counts, 0) + self._offsets.data[self.n_sets])
+            k = torch.tensor([key for key, _ in new_keys], dtype=torch.int64)
+            self._sets.put(k[:, 0], k[:, 1], assigned)
+            self._sets_py.update(new)
+        return out
 
     def intern(self, members: Iterable[int]) -> int:
         m = torch.tensor(sorted(set(int(x) for x in members)), dtype=torch.int64)
@@ -295,6 +372,9 @@ class SetPool:
         todo = (lo != hi) & (lo != EMPTY)
         if not bool(todo.any()):
             return out
+        if int(todo.sum()) <= SMALL:
+            out[todo] = torch.tensor(self._union_py(lo[todo].tolist(), hi[todo].tolist()), dtype=torch.int64)
+            return out
         with one_thread():
             n = max(self.n_sets, 1)
             uniq, inverse = torch.unique(lo[todo] * n + hi[todo], return_inverse=True)
@@ -310,9 +390,36 @@ class SetPool:
                     mb, sb = self.members(b[rest])
                     got[rest] = self.intern_segments(torch.cat([ma, mb]), torch.cat([sa, sb]), rest.numel())
                 self._unions.put(a, b, got)
+                self._unions_py.update(zip(zip(a.tolist(), b.tolist()), got.tolist()))
                 res[miss] = got
             out[todo] = res[inverse]
         return out
+
+    def _union_py(self, lo: list[int], hi: list[int]) -> list[int]:
+        memo = self._unions_py
+        keys = list(zip(lo, hi))
+        miss = list(dict.fromkeys(k for k in keys if k not in memo))
+        if miss:
+            sets = self.sets
+            if sum(len(sets[a]) + len(sets[b]) for a, b in miss) > 64 * SMALL:
+                got = self.union_pairs_tensor([a for a, _ in miss], [b for _, b in miss])
+            else:
+                got = self._intern_py([sorted(sets[a] | sets[b]) for a, b in miss])
+            memo.update(zip(miss, got))
+        return [memo[k] for k in keys]
+
+    def union_pairs_tensor(self, lo: list[int], hi: list[int]) -> list[int]:
+        """The tensor path of `union_pairs` for pairs of large sets (lo < hi, neither empty)."""
+        a, b = torch.tensor(lo, dtype=torch.int64), torch.tensor(hi, dtype=torch.int64)
+        with one_thread():
+            got = self._subset_union(a, b)
+            rest = torch.nonzero(got < 0).reshape(-1)
+            if rest.numel():
+                ma, sa = self.members(a[rest])
+                mb, sb = self.members(b[rest])
+                got[rest] = self.intern_segments(torch.cat([ma, mb]), torch.cat([sa, sb]), rest.numel())
+            self._unions.put(a, b, got)
+        return got.tolist()
 
     def _subset_union(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a[i] | b[i] where one of them holds the other (found by looking the smaller one's

@@ -71,10 +71,7 @@ def _inner(lt) -> int | None:
 
 def unit_splits(traced, pool) -> dict[str, list[int]]:
     """Per unit group, the chunk sizes its axis is cut into by the graph, outermost first."""
-    sizes: dict[str, int] = {}
-    for lab in pool.labels:
-        if lab.kind == "unit":
-            sizes[lab.group] = max(sizes.get(lab.group, 0), lab.index + 1)
+    sizes = {g: n for (_, g), n in pool.class_sizes(("unit",)).items()}
     found: dict[str, set[int]] = {}
     for node in traced.graph.nodes:
         if node.op != "call_function" or not hasattr(node.target, "_schema") or not node.args:
