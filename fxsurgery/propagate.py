@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .capture import Traced, wrapped_call
 from .label_tensor import LabelTensor, ParamRef, compress, full_ids
+from .nodes import describe_node as _where
 from .labels import Categories, Features, Label, SetPool
 from .rules.registry import REGISTRY, RuleRegistry
 from .terms import Terms
@@ -65,11 +66,6 @@ class UnknownOperatorWarning(UserWarning):
     """An operator had no label rule; the sound fallback was used."""
 
 
-def _where(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    path = list(stack.values())[-1][0] if stack else ""
-    return f"node %{node.name}" + (f" ({path})" if path else "")
-
 
 def input_labels(name: str, desc, shape, pool: SetPool) -> LabelTensor:
     """The label tensor of a user input, from its description (cached in the pool, so that
@@ -85,13 +81,13 @@ def input_labels(name: str, desc, shape, pool: SetPool) -> LabelTensor:
 def _input_labels(name: str, desc, shape, pool: SetPool) -> LabelTensor:
     if isinstance(desc, Features):
         dim = desc.dim % len(shape)
-        ids = torch.tensor([pool.singleton(Label("feature", name, n, i)) for i, n in enumerate(desc.names)],
-                           dtype=torch.int64)
+        ids = pool.singletons(pool.label_ids("feature", name, desc.names))
         view = [1] * len(shape)
         view[dim] = len(desc)
         return LabelTensor(ids.reshape(view), shape)
     if isinstance(desc, Categories):
-        every = pool.intern(pool.label_id(Label("category", name, n, i)) for i, n in enumerate(desc.names))
+        members = pool.label_ids("category", name, desc.names)
+        every = int(pool.intern_segments(members, torch.zeros_like(members), 1)[0])
         return LabelTensor.of_set(shape, every)
     return LabelTensor.of_set(shape, pool.singleton(Label("input", name, name, 0)))
 
@@ -154,8 +150,7 @@ class LabelPropagator(torch.fx.Interpreter):
         key = (group, n)
         ids = self._units.get(key)
         if ids is None:
-            ids = torch.tensor([self.pool.singleton(Label("unit", group, str(i), i)) for i in range(n)],
-                               dtype=torch.int64)
+            ids = self.pool.singletons(self.pool.unit_label_ids(group, n))
             self._units[key] = ids
         return ids
 

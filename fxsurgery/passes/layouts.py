@@ -90,11 +90,7 @@ class Sizer:
 
     def __init__(self, traced, imap):
         self.traced, self.imap, self.pool = traced, imap, imap.pool
-        self.class_size: dict[ClassKey, int] = {}
-        for lab in self.pool.labels:
-            if lab.kind in ("unit", "feature", "category"):
-                k = (lab.kind, lab.group)
-                self.class_size[k] = max(self.class_size.get(k, 0), lab.index + 1)
+        self.class_size: dict[ClassKey, int] = self.pool.class_sizes(("unit", "feature", "category"))
         self._restrict: dict[tuple, int] = {}
         self._members: dict[int, frozenset] = {}
 

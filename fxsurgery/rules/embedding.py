@@ -12,24 +12,36 @@ import torch
 from ..label_tensor import LabelTensor
 from .._sort import unique
 from ..labels import EMPTY
+from ..setpool import KINDS
 from ._ops import ops
 from .contractions import unit_group
 from .registry import register
 
 
+_CATEGORY = KINDS.index("category")
+
+
 def _split_categories(ctx, index: LabelTensor):
-    """(category label ids by value, set id of the non-category labels) of an index tensor."""
+    """(category label ids, their values, set id of the non-category labels) of an index
+    tensor, as tensors: a vocabulary of 128k costs a few tensor calls."""
     pool = ctx.pool
-    total = index.total(pool)
-    by_value: dict[int, list[int]] = {}
-    other = []
-    for lid in pool.sets[total]:
-        label = pool.labels[lid]
-        if label.kind == "category":
-            by_value.setdefault(label.index, []).append(lid)
-        else:
-            other.append(lid)
-    return by_value, pool.intern(other)
+    members = pool.members_of(index.total(pool))
+    is_cat = pool.kinds(members) == _CATEGORY
+    cats, rest = members[is_cat], members[~is_cat]
+    other = int(pool.intern_segments(rest, torch.zeros_like(rest), 1)[0])
+    return cats, pool.indices(cats), other
+
+
+def _rows(pool, cats, values, other: int, n: int) -> torch.Tensor:
+    """Per value v in range(n): the set of the categories of value v with the labels of
+    `other`, or EMPTY where no category has that value."""
+    keep = values < n
+    cats, values = cats[keep], values[keep]
+    present = torch.unique(values)
+    extra = pool.members_of(other)
+    members = torch.cat([cats, extra.repeat(present.numel())])
+    segment = torch.cat([values, present.repeat_interleave(extra.numel())])
+    return pool.intern_segments(members, segment, n)
 
 
 def lookup(ctx, table: LabelTensor, index: LabelTensor, dim: int = 0) -> LabelTensor:
@@ -38,17 +50,16 @@ def lookup(ctx, table: LabelTensor, index: LabelTensor, dim: int = 0) -> LabelTe
     shape = ctx.out_shape()
     dim = dim % table.ndim
     n_rows = table.shape[dim]
-    by_value, other = _split_categories(ctx, index)
+    cats, values, other = _split_categories(ctx, index)
     if table.is_param and table.is_free:
         ref = table.refs[0]
-        if by_value:
-            rows = [pool.intern(set(by_value.get(v, ())) | pool.sets[other]) if v in by_value else EMPTY
-                    for v in range(n_rows)]
+        if cats.numel():
+            rows = _rows(pool, cats, values, other, n_rows)
         else:  # an index without categories may hold any value
-            rows = [other] * n_rows
+            rows = torch.full((n_rows,), other, dtype=torch.int64)
         view = [1] * table.ndim
         view[dim] = n_rows
-        meets = torch.tensor(rows, dtype=torch.int64).reshape(view)
+        meets = rows.reshape(view)
         if ctx.keys:
             # The looked-up vector's positions are the table's other axes: units of the table.
             ids = torch.zeros([1] * len(shape), dtype=torch.int64)
@@ -85,10 +96,10 @@ def one_hot(ctx, index, num_classes=-1):
     index positions depend on)."""
     pool = ctx.pool
     shape = ctx.out_shape()
-    by_value, other = _split_categories(ctx, index)
+    cats, values, _ = _split_categories(ctx, index)
     n = shape[-1]
-    if by_value:
-        cls = torch.tensor([pool.intern(by_value.get(v, ())) for v in range(n)], dtype=torch.int64)
+    if cats.numel():
+        cls = _rows(pool, cats, values, EMPTY, n)
         nocat = _without_categories(ctx, index)
         ids = pool.union_ids(nocat.reshape(list(nocat.shape) + [1]), cls.reshape([1] * index.ndim + [n]))
     else:
@@ -99,5 +110,6 @@ def one_hot(ctx, index, num_classes=-1):
 def _without_categories(ctx, index: LabelTensor) -> torch.Tensor:
     pool = ctx.pool
     uniq, inv = unique(index.ids)
-    keep = [pool.intern(l for l in pool.sets[int(u)] if pool.labels[l].kind != "category") for u in uniq.tolist()]
-    return torch.tensor(keep, dtype=torch.int64)[inv]
+    members, seg = pool.members(uniq)
+    keep = pool.kinds(members) != _CATEGORY
+    return pool.intern_segments(members[keep], seg[keep], uniq.numel())[inv]

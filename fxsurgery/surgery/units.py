@@ -31,7 +31,7 @@ def category_units(imap) -> dict[str, dict[int, Label]]:
     r). Their units are matched by category, not by position."""
     pool = imap.pool
     labels = pool.labels
-    if not any(l.kind == "category" for l in labels):
+    if not pool.class_sizes(("category",)):
         return {}
     found: dict[str, dict[int, Label]] = {}
     for e in imap.entries.values():
@@ -62,11 +62,7 @@ def category_units(imap) -> dict[str, dict[int, Label]]:
 
 def unit_sizes(pool) -> dict[str, int]:
     """Hidden-axis group -> its number of units, read off a map's labels."""
-    sizes: dict[str, int] = {}
-    for lab in pool.labels:
-        if lab.kind == "unit":
-            sizes[lab.group] = max(sizes.get(lab.group, 0), lab.index + 1)
-    return sizes
+    return {g: n for (_, g), n in pool.class_sizes(("unit",)).items()}
 
 
 def check_units(units, rename: dict, old_groups: dict, new_groups: dict) -> tuple[dict, dict]:

@@ -1,0 +1,530 @@
+"""The pool of labels and interned label sets, stored as integer ranges and arrays.
+
+Labels are allocated in ranges: an input's features, a vocabulary, a hidden axis's units are
+one contiguous range of label ids, made in one call, and a `Label` object exists only when
+someone asks for one (`pool.labels[i]`). Every label gets its singleton set when its range is
+made; singleton set ids are a range too.
+
+A set is a sorted run of label ids in one flat array (CSR: members and offsets). Sets are
+hash-consed: each distinct set is stored once and referred to by an integer id, id 0 being
+the empty set, so label tensors are plain integer tensors. Interning and unions take whole
+batches: members are gathered, sorted and de-duplicated in tensor code, sets are found by a
+128-bit hash in a tensor hash table, and each union of two set ids is memoised.
+
+`pool.labels` and `pool.sets` still read like the lists they were (a `Label` per id, a
+frozenset of label ids per set id), for reporting and for code that asks about a few sets.
+"""
+from __future__ import annotations
+
+import bisect
+import functools
+from typing import Iterable, NamedTuple, Sequence
+
+import torch
+
+from ._sort import one_thread, unique
+from ._table import Buffer, Table, gather_segments, set_hash, set_hash_py
+
+__all__ = ["SetPool", "EMPTY", "KINDS"]
+
+EMPTY = 0  # id of the empty set in every pool
+# Batches up to this many members (or pairs) are interned in Python: on a small model a tensor
+# call costs more than the arithmetic, and the map of a small model was 4x slower than with
+# Python sets before this path. Both paths read and write one index, so ids stay canonical.
+SMALL = 96
+KINDS = ("feature", "category", "input", "unit")
+
+
+def _one_thread(fn):
+    # Every batch here is sorted, searched and scattered: on torch's intra-op pool under load
+    # a call on a few hundred ids was measured at 20 ms against 50 us on one thread (_sort).
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with one_thread():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+class _Range(NamedTuple):
+    start: int            # first label id
+    n: int
+    kind: str
+    group: str
+    first: int            # Label.index of the first label
+    names: tuple | None   # Label.name of each label; None: str(index) (units)
+    first_set: int        # singleton set id of the first label
+
+
+class _Labels(Sequence):
+    """`pool.labels`: the Label of each label id, made on demand."""
+
+    def __init__(self, pool: "SetPool"):
+        self._pool = pool
+        self._cache: list = []
+        self._done = 0  # ranges whose Labels are in _cache
+
+    def __len__(self) -> int:
+        return self._pool.n_labels
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        if 0 <= i < len(self._cache):
+            return self._cache[i]
+        return self._pool.label(i)
+
+    def __iter__(self):
+        # Code that walks every label (reports, the planner's tokens) walks them more than once:
+        # the Labels are made on the first walk and kept.
+        if len(self._cache) < self._pool.n_labels:
+            from .labels import Label
+            for r in self._pool._ranges[self._done:]:
+                self._cache.extend(Label(r.kind, r.group, r.names[k] if r.names is not None else str(r.first + k),
+                                         r.first + k) for k in range(r.n))
+            self._done = len(self._pool._ranges)
+        return iter(self._cache)
+
+    def __contains__(self, label) -> bool:
+        return self._pool.find_label(label) is not None
+
+
+class _Sets(Sequence):
+    """`pool.sets`: the frozenset of label ids of each set id, made on demand."""
+
+    def __init__(self, pool: "SetPool"):
+        self._pool = pool
+        self._memo: dict[int, frozenset] = {}  # a set never changes once interned
+
+    def __len__(self) -> int:
+        return self._pool.n_sets
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        s = self._memo.get(i)
+        if s is None:
+            if not 0 <= i < self._pool.n_sets:
+                raise IndexError(f"set id {i} out of range (the pool has {self._pool.n_sets} sets)")
+            s = self._memo[i] = frozenset(self._pool.members_of(int(i)).tolist())
+        return s
+
+
+class SetPool:
+    """Label ranges, interned label sets and memoised unions (see the module's docstring)."""
+
+    def __init__(self):
+        self._ranges: list[_Range] = []
+        self._starts: list[int] = []
+        self._by_group: dict[tuple[str, str], list[int]] = {}
+        self.n_labels = 0
+        self._kind = Buffer(torch.int8)          # per label id: index into KINDS
+        self._singleton = Buffer()               # per label id: its singleton set id
+        self._members = Buffer()                 # CSR of every set's sorted label ids
+        self._offsets = Buffer()
+        self._offsets.append(torch.zeros(1, dtype=torch.int64))
+        self._offsets.append(torch.zeros(1, dtype=torch.int64))  # set 0: the empty set
+        # (set id << 31) | label id of every stored member: sorted, since sets are stored in id
+        # order with sorted members, so membership of many (set, label) pairs is one search.
+        self._keys = Buffer()
+        self._index = Buffer()                   # per label id: its Label.index
+        self._sets = Table()                     # (hash1, hash2) -> set id, sets of 2+ labels
+        self._unions = Table()                   # (smaller id, larger id) -> id of their union
+        # The same two indexes as dicts, for the small-batch path; each entry is written once
+        # (dict.update over zipped lists: no Python bytecode per entry).
+        self._sets_py: dict[tuple[int, int], int] = {}
+        self._unions_py: dict[tuple[int, int], int] = {}
+        self.labels = _Labels(self)
+        self.sets = _Sets(self)
+
+    @property
+    def n_sets(self) -> int:
+        return len(self._offsets) - 1
+
+    # labels -------------------------------------------------------------------------
+    @_one_thread
+    def label_range(self, kind: str, group: str, n: int, names: Sequence[str] | None = None,
+                    first: int = 0) -> int:
+        """Allocates `n` labels `Label(kind, group, names[k], first + k)` (names None: units,
+        named by their index) with their singleton sets; returns the first label id."""
+        if kind not in KINDS:
+            raise ValueError(f"label kind must be one of {KINDS}, got {kind!r}")
+        start, first_set = self.n_labels, self.n_sets
+        r = _Range(start, n, kind, group, first, tuple(names) if names is not None else None, first_set)
+        self._ranges.append(r)
+        self._starts.append(start)
+        self._by_group.setdefault((kind, group), []).append(len(self._ranges) - 1)
+        self.n_labels += n
+        ids = torch.arange(start, start + n, dtype=torch.int64)
+        self._kind.append(torch.full((n,), KINDS.index(kind), dtype=torch.int8))
+        self._index.append(torch.arange(first, first + n, dtype=torch.int64))
+        singles = torch.arange(first_set, first_set + n, dtype=torch.int64)
+        self._singleton.append(singles)
+        self._members.append(ids)
+        self._keys.append((singles << 31) | ids)
+        self._offsets.append(torch.arange(1, n + 1, dtype=torch.int64) + self._offsets.data[self.n_sets])
+        return start
+
+    def ranges(self, kind: str, group: str) -> list[_Range]:
+        return [self._ranges[i] for i in self._by_group.get((kind, group), ())]
+
+    def label_ids(self, kind: str, group: str, names: Sequence[str]) -> torch.Tensor:
+        """Label ids of `Label(kind, group, names[i], i)`, allocated as one range unless all
+        are known already (the same names described twice)."""
+        names = tuple(names)
+        for r in self.ranges(kind, group):
+            if r.first == 0 and r.names == names:
+                return torch.arange(r.start, r.start + r.n, dtype=torch.int64)
+        if not self.ranges(kind, group):
+            start = self.label_range(kind, group, len(names), names)
+            return torch.arange(start, start + len(names), dtype=torch.int64)
+        from .labels import Label  # overlapping descriptions of one group: label by label
+        return torch.tensor([self.label_id(Label(kind, group, n, i)) for i, n in enumerate(names)],
+                            dtype=torch.int64)
+
+    def unit_label_ids(self, group: str, n: int) -> torch.Tensor:
+        """Label ids of units group[0] ... group[n-1], extending the group's ranges as needed."""
+        rs = sorted((r for r in self.ranges("unit", group) if r.names is None), key=lambda r: r.first)
+        covered, parts = 0, []
+        for r in rs:
+            if r.first != covered:
+                break
+            parts.append(torch.arange(r.start, r.start + r.n, dtype=torch.int64))
+            covered += r.n
+        else:
+            if covered < n:
+                start = self.label_range("unit", group, n - covered, None, first=covered)
+                parts.append(torch.arange(start, start + n - covered, dtype=torch.int64))
+                covered = n
+        if covered >= n:
+            return parts[0][:n] if len(parts) == 1 else torch.cat(parts)[:n]
+        from .labels import Label  # units made one by one, out of order: label by label
+        return torch.tensor([self.label_id(Label("unit", group, str(i), i)) for i in range(n)], dtype=torch.int64)
+
+    def class_sizes(self, kinds=KINDS) -> dict[tuple[str, str], int]:
+        """(kind, group) -> one more than the largest Label.index of the group, from the ranges
+        (no Label made): the size of a hidden axis, of a feature axis, of a vocabulary."""
+        out: dict[tuple[str, str], int] = {}
+        for r in self._ranges:
+            if r.kind in kinds:
+                k = (r.kind, r.group)
+                out[k] = max(out.get(k, 0), r.first + r.n)
+        return out
+
+    def label(self, i: int):
+        from .labels import Label
+        if not 0 <= i < self.n_labels:
+            raise IndexError(f"label id {i} out of range (the pool has {self.n_labels} labels)")
+        r = self._ranges[bisect.bisect_right(self._starts, i) - 1]
+        index = r.first + (i - r.start)
+        return Label(r.kind, r.group, r.names[i - r.start] if r.names is not None else str(index), index)
+
+    def label_id(self, label) -> int:
+        i = self.find_label(label)
+        if i is None:
+            i = self.label_range(label.kind, label.group, 1, None if _unit_named(label) else (label.name,),
+                                 first=label.index)
+        return i
+
+    def find_label(self, label) -> int | None:
+        for r in self.ranges(label.kind, label.group):
+            k = label.index - r.first
+            if 0 <= k < r.n and (r.names[k] if r.names is not None else str(label.index)) == label.name:
+                return r.start + k
+        return None
+
+    def kinds(self, label_ids: torch.Tensor) -> torch.Tensor:
+        """Index into KINDS of each label id."""
+        return self._kind.view()[label_ids].long()
+
+    def indices(self, label_ids: torch.Tensor) -> torch.Tensor:
+        """`Label.index` of each label id (a feature's position, a category's value, a unit's)."""
+        return self._index.view()[label_ids]
+
+    # sets ---------------------------------------------------------------------------
+    def singletons(self, label_ids: torch.Tensor) -> torch.Tensor:
+        """Set ids of {label} for each label id."""
+        return self._singleton.view()[label_ids]
+
+    def singleton(self, label) -> int:
+        i = self.label_id(label)  # first: it may grow the buffer
+        return int(self._singleton.view()[i])
+
+    def members_of(self, set_id: int) -> torch.Tensor:
+        off = self._offsets.data
+        return self._members.data[int(off[set_id]): int(off[set_id + 1])]
+
+    @_one_thread
+    def members(self, set_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(label ids, position in `set_ids`) of the members of each set, sorted within each."""
+        return gather_segments(self._members.view(), self._offsets.view(), set_ids.reshape(-1))
+
+    def sizes(self, set_ids: torch.Tensor) -> torch.Tensor:
+        off = self._offsets.view()
+        return off[set_ids + 1] - off[set_ids]
+
+    @_one_thread
+    def intern_segments(self, members: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
+        """Set ids of `n` sets given as label ids tagged with their set's segment in [0, n)
+        (any order, repeats allowed)."""
+        if members.numel() <= SMALL and n <= SMALL:
+            groups: list[set] = [set() for _ in range(n)]
+            for sgm, m in zip(segment.tolist(), members.tolist()):
+                groups[sgm].add(m)
+            return torch.tensor(self._intern_py([sorted(g) for g in groups]), dtype=torch.int64)
+        with one_thread():
+            if members.numel():
+                n_lab = max(self.n_labels, 1)
+                key = torch.unique(segment * n_lab + members)  # sorted: by segment, then member
+                segment, members = key // n_lab, key % n_lab
+            sizes = torch.bincount(segment, minlength=n)
+            out = torch.zeros(n, dtype=torch.int64)
+            one = sizes == 1
+            if bool(one.any()):
+                first = torch.cumsum(sizes, 0) - sizes
+                out[one] = self.singletons(members[first[one]])
+            many = sizes > 1
+            if bool(many.any()):
+                keep = many[segment]
+                members, segment = members[keep], segment[keep]
+                h1, h2 = set_hash(members, segment, n)
+                rows = torch.nonzero(many).reshape(-1)
+                out[rows] = self._intern_hashed(h1[rows], h2[rows], members, segment, rows)
+            return out
+
+    def _intern_hashed(self, h1, h2, members, segment, rows):
+        """Set ids of the sets `rows` (segments of `members`), found or stored by hash."""
+        # Distinct sets of the batch by their first hash (unique over pairs is several times
+        # slower); two sets of one batch sharing it and differing in the second is a 2^-64 event
+        # that is checked, never assumed away.
+        u1, inverse = torch.unique(h1, return_inverse=True)
+        first = torch.full((u1.numel(),), rows.numel(), dtype=torch.int64)
+        first.scatter_reduce_(0, inverse, torch.arange(rows.numel()), reduce="amin")
+        u2 = h2[first]
+        if not bool((u2[inverse] == h2).all()):
+            raise RuntimeError("label-set hash collision (two distinct sets share a 64-bit hash); "
+                               "please report this model")
+        uniq = torch.stack([u1, u2], 1)
+        ids = self._sets.get(u1, u2)
+        new = torch.nonzero(ids < 0).reshape(-1)
+        if new.numel():
+            new_rows = rows[first[new]]                      # segments holding the new sets
+            new_rows, order = torch.sort(new_rows)
+            new = new[order]
+            assigned = torch.arange(self.n_sets, self.n_sets + new.numel(), dtype=torch.int64)
+            slot = torch.full((int(segment.max()) + 1 if segment.numel() else 1,), -1, dtype=torch.int64)
+            slot[new_rows] = torch.arange(new.numel())
+            which = slot[segment]
+            take = which >= 0  # members arrive sorted by segment, so by new set id too
+            counts = torch.bincount(which[take], minlength=new.numel())
+            self._members.append(members[take])
+            self._keys.append((assigned[which[take]] << 31) | members[take])
+            self._offsets.append(torch.cumsum(counts, 0) + self._offsets.data[self.n_sets])
+            self._sets.put(uniq[new, 0], uniq[new, 1], assigned)
+            self._sets_py.update(zip(zip(uniq[new, 0].tolist(), uniq[new, 1].tolist()), assigned.tolist()))
+            ids[new] = assigned
+        return ids[inverse]
+
+    def _intern_py(self, sets: list[list[int]]) -> list[int]:
+        """Ids of sets given as sorted lists of distinct label ids; new ones stored as one batch."""
+        out, new, new_keys = [], {}, []
+        single = self._singleton.data
+        for ms in sets:
+            if not ms:
+                out.append(EMPTY)
+            elif len(ms) == 1:
+                out.append(int(single[ms[0]]))
+            else:
+                key = set_hash_py(ms)
+                i = self._sets_py.get(key)
+                if i is None:
+                    i = new.get(key)
+                    if i is None:
+                        i = new[key] = self.n_sets + len(new)
+                        new_keys.append((key, ms))
+                out.append(i)
+        if new_keys:
+            members = torch.tensor([m for _, ms in new_keys for m in ms], dtype=torch.int64)
+            counts = torch.tensor([len(ms) for _, ms in new_keys], dtype=torch.int64)
+            assigned = torch.arange(self.n_sets, self.n_sets + len(new_keys), dtype=torch.int64)
+            self._members.append(members)
+            self._keys.append((torch.repeat_interleave(assigned, counts) << 31) | members)
+            self._offsets.append(torch.cumsum(counts, 0) + self._offsets.data[self.n_sets])
+            k = torch.tensor([key for key, _ in new_keys], dtype=torch.int64)
+            self._sets.put(k[:, 0], k[:, 1], assigned)
+            self._sets_py.update(new)
+        return out
+
+    def intern(self, members: Iterable[int]) -> int:
+        m = torch.tensor(sorted(set(int(x) for x in members)), dtype=torch.int64)
+        return int(self.intern_segments(m, torch.zeros(m.numel(), dtype=torch.int64), 1)[0])
+
+    def labels_in(self, set_id: int) -> list:
+        return sorted(self.labels[i] for i in self.members_of(set_id).tolist())
+
+    # unions -------------------------------------------------------------------------
+    @_one_thread
+    def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Id of a[i] | b[i] for each i (1-d, any repeats)."""
+        lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+        out = hi.clone()
+        todo = (lo != hi) & (lo != EMPTY)
+        if not bool(todo.any()):
+            return out
+        if int(todo.sum()) <= SMALL:
+            out[todo] = torch.tensor(self._union_py(lo[todo].tolist(), hi[todo].tolist()), dtype=torch.int64)
+            return out
+        with one_thread():
+            n = max(self.n_sets, 1)
+            uniq, inverse = torch.unique(lo[todo] * n + hi[todo], return_inverse=True)
+            ulo, uhi = uniq // n, uniq % n
+            res = self._unions.get(ulo, uhi)
+            miss = torch.nonzero(res < 0).reshape(-1)
+            if miss.numel():
+                a, b = ulo[miss], uhi[miss]
+                got = self._subset_union(a, b)
+                rest = torch.nonzero(got < 0).reshape(-1)
+                if rest.numel():
+                    ma, sa = self.members(a[rest])
+                    mb, sb = self.members(b[rest])
+                    got[rest] = self.intern_segments(torch.cat([ma, mb]), torch.cat([sa, sb]), rest.numel())
+                self._unions.put(a, b, got)
+                self._unions_py.update(zip(zip(a.tolist(), b.tolist()), got.tolist()))
+                res[miss] = got
+            out[todo] = res[inverse]
+        return out
+
+    def _union_py(self, lo: list[int], hi: list[int]) -> list[int]:
+        memo = self._unions_py
+        keys = list(zip(lo, hi))
+        miss = list(dict.fromkeys(k for k in keys if k not in memo))
+        if miss:
+            sets = self.sets
+            if sum(len(sets[a]) + len(sets[b]) for a, b in miss) > 64 * SMALL:
+                got = self.union_pairs_tensor([a for a, _ in miss], [b for _, b in miss])
+            else:
+                got = self._intern_py([sorted(sets[a] | sets[b]) for a, b in miss])
+            memo.update(zip(miss, got))
+        return [memo[k] for k in keys]
+
+    def union_pairs_tensor(self, lo: list[int], hi: list[int]) -> list[int]:
+        """The tensor path of `union_pairs` for pairs of large sets (lo < hi, neither empty)."""
+        a, b = torch.tensor(lo, dtype=torch.int64), torch.tensor(hi, dtype=torch.int64)
+        with one_thread():
+            got = self._subset_union(a, b)
+            rest = torch.nonzero(got < 0).reshape(-1)
+            if rest.numel():
+                ma, sa = self.members(a[rest])
+                mb, sb = self.members(b[rest])
+                got[rest] = self.intern_segments(torch.cat([ma, mb]), torch.cat([sa, sb]), rest.numel())
+            self._unions.put(a, b, got)
+        return got.tolist()
+
+    def _subset_union(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a[i] | b[i] where one of them holds the other (found by looking the smaller one's
+        members up in the larger), -1 elsewhere: a stream's positions united with the set of
+        all of them (a norm's statistic) costs the small sets, not a copy of the large one."""
+        sa, sb = self.sizes(a), self.sizes(b)
+        a_small = sa <= sb
+        small, big = torch.where(a_small, a, b), torch.where(a_small, b, a)
+        m, seg = self.members(small)
+        inside = self.contains(big[seg], m)
+        holds = torch.ones(a.numel(), dtype=torch.bool)
+        holds[seg[~inside]] = False
+        return torch.where(holds, big, torch.full_like(big, -1))
+
+    @_one_thread
+    def contains(self, set_ids: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
+        """Whether set set_ids[i] holds label label_ids[i], for each i."""
+        keys = self._keys.view()
+        q = (set_ids << 31) | label_ids
+        from ._sort import searchsorted
+        pos = searchsorted(keys, q).clamp(max=max(keys.numel() - 1, 0))
+        return keys[pos] == q
+
+    def union(self, a: int, b: int) -> int:
+        if a == b or b == EMPTY:
+            return a
+        if a == EMPTY:
+            return b
+        return int(self.union_pairs(torch.tensor([a]), torch.tensor([b]))[0])
+
+    @_one_thread
+    def union_many(self, ids: Iterable[int]) -> int:
+        ids = torch.tensor(sorted(set(int(i) for i in ids)), dtype=torch.int64)
+        if ids.numel() <= 1:
+            return int(ids[0]) if ids.numel() else EMPTY
+        m, _ = self.members(ids)
+        return int(self.intern_segments(m, torch.zeros(m.numel(), dtype=torch.int64), 1)[0])
+
+    @_one_thread
+    def union_ids(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Element-wise union of two broadcastable int64 id tensors."""
+        if b.numel() == 1 and int(b.reshape(-1)[0]) == EMPTY:
+            return a.expand(torch.broadcast_shapes(a.shape, b.shape)) if a.shape != b.shape else a
+        if a.numel() == 1 and int(a.reshape(-1)[0]) == EMPTY:
+            return b.expand(torch.broadcast_shapes(a.shape, b.shape)) if a.shape != b.shape else b
+        a, b = torch.broadcast_tensors(a, b)
+        if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+            return a.contiguous()
+        return self.union_pairs(a.reshape(-1), b.reshape(-1)).reshape(a.shape)
+
+    @_one_thread
+    def segment_union(self, ids: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:
+        """For each segment s in range(n_segments), the union of ids[segment == s]."""
+        ids, segment = ids.reshape(-1), segment.reshape(-1)
+        n = max(self.n_sets, 1)
+        with one_thread():
+            pair = torch.unique(segment * n + ids)
+        seg, sid = pair // n, pair % n
+        counts = torch.bincount(seg, minlength=n_segments)
+        out = torch.zeros(n_segments, dtype=torch.int64)
+        single = counts[seg] == 1
+        out[seg[single]] = sid[single]
+        if bool(single.all()):  # one set per segment: nothing to unite
+            return out
+        seg, sid = seg[~single], sid[~single]
+        rows, local = torch.unique(seg, return_inverse=True)
+        m, which = self.members(sid)
+        out[rows] = self.intern_segments(m, local[which], rows.numel())
+        return out
+
+    @_one_thread
+    def reduce_ids(self, ids: torch.Tensor, dims: Sequence[int], keepdim: bool = True) -> torch.Tensor:
+        """Union of an id tensor over `dims` (axes of size 1 are already reduced)."""
+        asked = sorted({d % ids.dim() for d in dims}) if ids.dim() else []
+        dims = [d for d in asked if ids.shape[d] > 1]
+        if dims:
+            rest = [d for d in range(ids.dim()) if d not in dims]
+            moved = ids.permute(rest + dims)
+            outer = [ids.shape[d] for d in rest]
+            n_out = 1
+            for s in outer:
+                n_out *= s
+            flat = moved.reshape(n_out, -1)
+            seg = torch.arange(n_out).unsqueeze(1).expand(flat.shape)
+            red = self.segment_union(flat, seg, n_out)
+            view = list(ids.shape)
+            for d in dims:
+                view[d] = 1
+            ids = red.reshape(view)
+        if not keepdim:
+            for d in reversed(asked):
+                ids = ids.squeeze(d)
+        return ids
+
+    @_one_thread
+    def contains_table(self, label_id: int) -> torch.Tensor:
+        """Boolean per set id: does the set hold this label."""
+        members = self._members.view()
+        where = torch.nonzero(members == label_id).reshape(-1)
+        out = torch.zeros(self.n_sets, dtype=torch.bool)
+        if where.numel():
+            from ._sort import searchsorted
+            out[searchsorted(self._offsets.view(), where, right=True) - 1] = True
+        return out
+
+
+def _unit_named(label) -> bool:
+    return label.kind == "unit" and label.name == str(label.index)

@@ -1,0 +1,112 @@
+"""The label-set pool against a reference of Python frozensets: every batched operation (interning,
+unions, segment unions, reductions, membership) gives the set the reference gives, equal sets
+get one id whatever the path that built them, and labels made as ranges read back as Labels."""
+import random
+
+import pytest
+import torch
+
+import fxsurgery as fs
+from fxsurgery.labels import EMPTY, SetPool
+
+
+def _pool_with_sets(seed=0, n_labels=60, n_sets=80):
+    rng = random.Random(seed)
+    pool = SetPool()
+    pool.label_range("feature", "x", n_labels, [f"f{i}" for i in range(n_labels)])
+    refs = [frozenset(rng.sample(range(n_labels), rng.randint(0, 6))) for _ in range(n_sets)]
+    ids = [pool.intern(s) for s in refs]
+    return pool, refs, ids, rng
+
+
+def test_interning_is_canonical_and_reads_back():
+    pool, refs, ids, _ = _pool_with_sets()
+    for s, i in zip(refs, ids):
+        assert pool.sets[i] == s
+        assert pool.intern(sorted(s, reverse=True)) == i  # any order, same id
+    assert len({i for i in ids}) == len(set(refs))
+    assert pool.intern([]) == EMPTY
+    assert pool.intern([5]) == pool.singleton(fs.Label("feature", "x", "f5", 5))
+
+
+def test_batched_unions_equal_the_reference():
+    pool, refs, ids, rng = _pool_with_sets(1)
+    a = torch.tensor([rng.randrange(len(ids)) for _ in range(300)])
+    b = torch.tensor([rng.randrange(len(ids)) for _ in range(300)])
+    got = pool.union_pairs(torch.tensor(ids)[a], torch.tensor(ids)[b])
+    for i, j, g in zip(a.tolist(), b.tolist(), got.tolist()):
+        assert pool.sets[g] == refs[i] | refs[j]
+        assert g == pool.intern(refs[i] | refs[j])  # a union is the interned set, not a copy
+    # a subset united with its superset is the superset's id (the shortcut), both ways round
+    big = pool.intern(range(0, 30))
+    small = pool.intern([3, 7, 29])
+    assert pool.union(small, big) == big and pool.union(big, small) == big
+    assert pool.union(small, pool.intern([3, 31])) == pool.intern([3, 7, 29, 31])
+
+
+def test_segment_union_reduce_and_union_many():
+    pool, refs, ids, rng = _pool_with_sets(2)
+    idt = torch.tensor(ids)
+    seg = torch.tensor([rng.randrange(7) for _ in ids])
+    got = pool.segment_union(idt, seg, 9)
+    for s in range(9):
+        want = frozenset().union(*[refs[k] for k in range(len(ids)) if int(seg[k]) == s])
+        assert pool.sets[int(got[s])] == want
+    grid = idt[:60].reshape(3, 4, 5)
+    red = pool.reduce_ids(grid, [0, 2])
+    assert red.shape == (1, 4, 1)
+    for j in range(4):
+        want = frozenset().union(*[refs[ids.index(int(v))] for v in grid[:, j, :].reshape(-1)])
+        assert pool.sets[int(red[0, j, 0])] == want
+    assert pool.reduce_ids(grid, [1], keepdim=False).shape == (3, 5)
+    assert pool.sets[pool.union_many(ids[:10])] == frozenset().union(*refs[:10])
+
+
+def test_membership_tables():
+    pool, refs, ids, _ = _pool_with_sets(3)
+    table = pool.contains_table(7)
+    for s, i in zip(refs, ids):
+        assert bool(table[i]) == (7 in s)
+    q = torch.tensor(ids)
+    assert pool.contains(q, torch.full_like(q, 7)).tolist() == [7 in s for s in refs]
+
+
+def test_label_ranges_read_back_as_labels():
+    pool = SetPool()
+    ids = pool.label_ids("category", "tok", ["a", "b", "c"])
+    assert pool.label_ids("category", "tok", ["a", "b", "c"]).tolist() == ids.tolist()  # described twice
+    units = pool.unit_label_ids("fc", 3)
+    more = pool.unit_label_ids("fc", 5)  # the axis seen wider later: the first three are the same labels
+    assert more[:3].tolist() == units.tolist()
+    assert pool.labels[int(more[4])] == fs.Label("unit", "fc", "4", 4)
+    assert pool.labels[int(ids[1])] == fs.Label("category", "tok", "b", 1)
+    assert pool.find_label(fs.Label("unit", "fc", "4", 4)) == int(more[4])
+    assert pool.find_label(fs.Label("unit", "fc", "9", 9)) is None
+    assert fs.Label("category", "tok", "c", 2) in pool.labels
+    assert list(pool.labels) == [pool.labels[i] for i in range(len(pool.labels))]
+    assert pool.class_sizes() == {("category", "tok"): 3, ("unit", "fc"): 5}
+    # a single label asked for by value joins the group without disturbing its ranges
+    lone = pool.label_id(fs.Label("unit", "fc", "7", 7))
+    assert pool.labels[lone] == fs.Label("unit", "fc", "7", 7)
+    assert pool.unit_label_ids("fc", 8).tolist()[7] == lone
+    assert pool.sets[pool.singletons(ids)[2].item()] == {int(ids[2])}
+    with pytest.raises(IndexError, match="out of range"):
+        pool.labels[10 ** 6]
+
+
+def test_the_python_and_tensor_paths_share_one_index():
+    # Small batches are interned in Python, large ones in tensor code: the same set must get
+    # the same id whichever path met it first (their hashes agree bit for bit).
+    from fxsurgery.setpool import SMALL
+    pool, _, _, rng = _pool_with_sets(4, n_sets=0)
+    refs = [sorted(rng.sample(range(60), rng.randint(2, 5))) for _ in range(3 * SMALL)]
+    members = torch.tensor([m for s in refs for m in s])
+    segment = torch.tensor([k for k, s in enumerate(refs) for _ in s])
+    big = pool.intern_segments(members, segment, len(refs)).tolist()  # tensor path
+    assert [pool.intern(s) for s in refs] == big                      # Python path finds them
+    fresh = [sorted(rng.sample(range(60), 7)) for _ in range(2 * SMALL)]
+    small = [pool.intern(s) for s in fresh]                           # Python path first
+    m2 = torch.tensor([m for s in fresh for m in s])
+    s2 = torch.tensor([k for k, s in enumerate(fresh) for _ in s])
+    assert pool.intern_segments(m2, s2, len(fresh)).tolist() == small
+    assert len(pool.sets) == 1 + 60 + len({tuple(s) for s in refs} | {tuple(s) for s in fresh})
