@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from typing import Callable
 
+from .._durable import fsync_folder, umask
 from .errors import CliError
 
 __all__ = ["TEMP_PREFIX", "AtomicFile", "Outputs", "check_output", "check_distinct", "write_atomically"]
@@ -91,23 +92,7 @@ def _mode_for_new_file(target: str) -> int:
     """The permissions the target would get from open(): mkstemp makes 0600 files."""
     if os.path.exists(target):
         return os.stat(target).st_mode & 0o7777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _fsync_folder(folder: str) -> None:
-    """Makes a rename durable (POSIX); some systems cannot open a folder, which is no error."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return 0o666 & ~umask()
 
 
 class Outputs:
@@ -192,7 +177,7 @@ class Outputs:
             for backup in backups.values():
                 _unlink(backup)
         for folder in {os.path.dirname(os.path.abspath(t)) for _, t, _ in staged}:
-            _fsync_folder(folder)
+            fsync_folder(folder)
 
     def discard(self) -> None:
         for tmp, _, _ in self._staged:

@@ -38,6 +38,7 @@ from typing import Callable
 
 import torch
 
+from .._durable import fsync_folder, umask
 from ..tied import tied_names
 from .apply import build, in_place_writes
 from .checkpoint_files import ShardWriter, Source, parse_size, shard_names, write_index
@@ -136,7 +137,7 @@ def apply_to_checkpoint(plan, src, dst, *, init: Callable[[torch.nn.Module], Non
     rows_ok = init_rows if init_rows is not None else (init is None or getattr(init, "__name__", "") == "_init_weights")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp's 0o700 would become dst's mode
+        os.chmod(tmp, 0o777 & ~umask())   # mkdtemp's 0o700 would become dst's mode
         done = 0
         written = Written(dst)
         for fname, shard in zip(names, shards):
@@ -163,42 +164,16 @@ def apply_to_checkpoint(plan, src, dst, *, init: Callable[[torch.nn.Module], Non
             for fname, write in extra_files.items():
                 write(tmp / fname)
         if sync:
-            _fsync(tmp)
+            fsync_folder(tmp)
         _install(tmp, dst)
         if sync:
-            _fsync(dst.parent)
+            fsync_folder(dst.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         close_bar()
     return written
-
-
-def _fsync(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return          # a system that cannot open a directory cannot fsync one either
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    # Read, not set-and-restore where possible: os.umask changes it for every thread meanwhile.
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
