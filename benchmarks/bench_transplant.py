@@ -24,7 +24,7 @@ Measured side by side in one process, median of --repeat runs each:
             parameters at them (so that a failure midway can be taken back), so its cost is
             about that of the clone, not of the copy.
 
-and the ratios transplant / copy. The target (DESIGN.md, Scale) is that the transfer costs
+and the ratios transplant / copy. The target is that the transfer costs
 about what the copy costs (apply / copy <= 2); planning is compared with `torch.export`
 capture of the new model instead (`bench_map.py`), since it never touches a weight. A small
 warm-up transplant (`five_small`) runs first so that one-time import and tracer set-up costs

@@ -5,7 +5,7 @@ What each property checks, and what would make it fail:
 - soundness: every label that some mixed derivative is non-zero for is in the boolean map.
   A rule that forgets a dependence fails it (shown by `test_property_catches_a_broken_rule`).
 - tightness: the two maps are equal, except where a *named* divergence explains the
-  difference (DESIGN.md: a value that is zero by coincidence). Each named case is shown on its
+  difference (a value that is zero by coincidence). Each named case is shown on its
   own in tests/test_gradient_map.py. A rule that over-approximates without reason fails it.
 
 Examples: FXSURGERY_EXAMPLES (default 200); the long run used FXSURGERY_EXAMPLES=10000.

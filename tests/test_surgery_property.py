@@ -581,7 +581,7 @@ def test_known_gaps_weights_shared_across_roles_are_reported(gap):
 def test_attention_heads_of_size_one(kind):
     """Widening the stream in front of an attention whose heads are one channel wide (3 heads
     over 3 channels -> 3 heads over 6): q/k/v rows must be matched part by part and head by
-    head (DESIGN.md: never by raw row number), and the wider heads change the scores (an
+    head (never by raw row number), and the wider heads change the scores (an
     "attention" issue, as reported when the old heads are wider). Once a known gap: the old
     model's size-one heads were not found as a split (chunk size 1), so the parts disagreed
     between old and new and rows were matched by raw number (new q rows 3-5 got old k rows)."""

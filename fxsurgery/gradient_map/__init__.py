@@ -41,7 +41,7 @@ constants keep their values (zeros on the meta device), since they are indices a
 At generic points the result equals the boolean map; it is contained in it everywhere. It can
 be smaller where a value is zero by coincidence (`x - x`, an explicitly zero weight, a ReLU
 branch the random points never take, a max that always picks the same entity, one recurrent
-step from a zero initial state, category 0 read as the number 0): see DESIGN.md and
+step from a zero initial state, category 0 read as the number 0): see the README's known divergences and
 tests/test_gradient_map.py, which names each.
 
 Modules, from the bottom up:
