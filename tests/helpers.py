@@ -42,6 +42,17 @@ class TwoLayer(nn.Module):
         return self.fc2(torch.relu(self.fc1(obs)))
 
 
+class ThreeLayer(nn.Module):
+    """Three Linear layers with ReLU and tanh between them (fc1, fc2, fc3)."""
+
+    def __init__(self, n_in=4, h=8):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(n_in, h), nn.Linear(h, h), nn.Linear(h, 3)
+
+    def forward(self, obs):
+        return self.fc3(torch.tanh(self.fc2(torch.relu(self.fc1(obs)))))
+
+
 class SelfAttention(nn.Module):
     """q, k, v projections split into heads, fused attention, an output projection."""
 

@@ -11,19 +11,12 @@ import torch.nn as nn
 
 import fxsurgery as fs
 from faults import WRITE_METHODS, count_calls, fail_at, state_hash
+from helpers import SelfAttention as Attention
+from helpers import ThreeLayer as MLP
 
 OBS = ["hp", "mana", "x", "y"]
 
 pytestmark = pytest.mark.usefixtures("quiet")
-
-
-class MLP(nn.Module):
-    def __init__(self, n_in=4, h=8):
-        super().__init__()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(n_in, h), nn.Linear(h, h), nn.Linear(h, 3)
-
-    def forward(self, obs):
-        return self.fc3(torch.tanh(self.fc2(torch.relu(self.fc1(obs)))))
 
 
 class TiedLM(nn.Module):
@@ -36,19 +29,6 @@ class TiedLM(nn.Module):
 
     def forward(self, tok):
         return self.out(torch.tanh(self.mix(self.emb(tok))))
-
-
-class Attention(nn.Module):
-    def __init__(self, d=8, heads=2, hd=4):
-        super().__init__()
-        self.hd = hd
-        self.q, self.k, self.v = nn.Linear(d, heads * hd), nn.Linear(d, heads * hd), nn.Linear(d, heads * hd)
-        self.o = nn.Linear(heads * hd, d)
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        q, k, v = (p(x).view(b, t, -1, self.hd).transpose(1, 2) for p in (self.q, self.k, self.v))
-        return self.o(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
 
 
 def traced_mlp():

@@ -11,21 +11,13 @@ import torch.nn.functional as F
 
 import fxsurgery as fs
 from fxsurgery.passes import PassError, SizingError
+from helpers import ThreeLayer as MLP
 
 TOL = 1e-5
 OBS = ["hp", "mana", "x", "y"]
 
 
 pytestmark = pytest.mark.usefixtures("quiet")
-
-
-class MLP(nn.Module):
-    def __init__(self, n_in=4, h=8):
-        super().__init__()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(n_in, h), nn.Linear(h, h), nn.Linear(h, 3)
-
-    def forward(self, obs):
-        return self.fc3(torch.tanh(self.fc2(torch.relu(self.fc1(obs)))))
 
 
 class Core(nn.Module):
