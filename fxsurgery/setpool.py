@@ -54,6 +54,12 @@ class _Range(NamedTuple):
     names: tuple | None   # Label.name of each label; None: str(index) (units)
     first_set: int        # singleton set id of the first label
 
+    def label(self, k: int):
+        """The `Label` of this range's k-th label (the one place a Label is made from a range)."""
+        from .labels import Label
+        index = self.first + k
+        return Label(self.kind, self.group, self.names[k] if self.names is not None else str(index), index)
+
 
 class _Labels(Sequence):
     """`pool.labels`: the Label of each label id, made on demand."""
@@ -78,10 +84,8 @@ class _Labels(Sequence):
         # Code that walks every label (reports, the planner's tokens) walks them more than once:
         # the Labels are made on the first walk and kept.
         if len(self._cache) < self._pool.n_labels:
-            from .labels import Label
             for r in self._pool._ranges[self._done:]:
-                self._cache.extend(Label(r.kind, r.group, r.names[k] if r.names is not None else str(r.first + k),
-                                         r.first + k) for k in range(r.n))
+                self._cache.extend(r.label(k) for k in range(r.n))
             self._done = len(self._pool._ranges)
         return iter(self._cache)
 
@@ -213,12 +217,10 @@ class SetPool:
         return out
 
     def label(self, i: int):
-        from .labels import Label
         if not 0 <= i < self.n_labels:
             raise IndexError(f"label id {i} out of range (the pool has {self.n_labels} labels)")
         r = self._ranges[bisect.bisect_right(self._starts, i) - 1]
-        index = r.first + (i - r.start)
-        return Label(r.kind, r.group, r.names[i - r.start] if r.names is not None else str(index), index)
+        return r.label(i - r.start)
 
     def label_id(self, label) -> int:
         i = self.find_label(label)
