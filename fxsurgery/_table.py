@@ -86,6 +86,7 @@ class Buffer:
     def __init__(self, dtype=torch.int64):
         self.data = torch.empty(1024, dtype=dtype)
         self.n = 0
+        self._np = None  # a numpy view of `data`, kept until the storage is replaced
 
     def append(self, values: torch.Tensor) -> None:
         m = values.numel()
@@ -94,11 +95,19 @@ class Buffer:
             grown = torch.empty(cap, dtype=self.data.dtype)
             grown[: self.n] = self.data[: self.n]
             self.data = grown
+            self._np = None
         self.data[self.n: self.n + m] = values.reshape(-1)
         self.n += m
 
     def view(self) -> torch.Tensor:
         return self.data[: self.n]
+
+    def numpy(self):
+        """The whole storage as a numpy array (entries past len() are garbage): reading one set
+        at a time through it costs a slice, where `.numpy()` per read cost 5 us each."""
+        if self._np is None:
+            self._np = self.data.numpy()
+        return self._np
 
     def __len__(self) -> int:
         return self.n

@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 from tabulate import tabulate
 
-from ._sort import unique
+from ._sort import one_thread, unique
 from .capture import Traced
 from .labels import Label, SetPool
 from .propagate import LabelPropagator
@@ -271,12 +271,16 @@ def _entries(traced: Traced, deps: LabelPropagator, keys: LabelPropagator | None
 def interaction_map(traced: Traced, keys: bool = True, registry=REGISTRY) -> InteractionMap:
     """The boolean mapping: propagates label sets through the graph with the rules."""
     pool = SetPool()
-    deps = LabelPropagator(traced, pool, "deps", registry)
-    deps.run(*_placeholder_args(traced))
-    kp = None
-    if keys:
-        kp = LabelPropagator(traced, pool, "keys", registry)
-        kp.run(*_placeholder_args(traced))
+    # One thread: the rules run thousands of tensor calls on a few thousand ids each, where
+    # torch's intra-op pool only adds synchronisation; on a 2-core machine under load the
+    # 2-layer Llama-shaped map took 6.5 s with it against 1.9 s without.
+    with one_thread():
+        deps = LabelPropagator(traced, pool, "deps", registry)
+        deps.run(*_placeholder_args(traced))
+        kp = None
+        if keys:
+            kp = LabelPropagator(traced, pool, "keys", registry)
+            kp.run(*_placeholder_args(traced))
     notes = list(dict.fromkeys(deps.notes + (kp.notes if kp else [])))
     return InteractionMap(pool, _entries(traced, deps, kp), dict(traced.descriptions), "boolean", notes)
 

@@ -45,6 +45,14 @@ def _one_thread(fn):
     return wrapper
 
 
+@functools.cache
+def _label_class():
+    # labels.py imports this module: Label is looked up once, on first use (an import statement
+    # per Label made cost more than the Label itself when the planner walks a vocabulary).
+    from .labels import Label
+    return Label
+
+
 class _Range(NamedTuple):
     start: int            # first label id
     n: int
@@ -56,9 +64,8 @@ class _Range(NamedTuple):
 
     def label(self, k: int):
         """The `Label` of this range's k-th label (the one place a Label is made from a range)."""
-        from .labels import Label
         index = self.first + k
-        return Label(self.kind, self.group, self.names[k] if self.names is not None else str(index), index)
+        return _label_class()(self.kind, self.group, self.names[k] if self.names is not None else str(index), index)
 
 
 class _Labels(Sequence):
@@ -260,8 +267,8 @@ class SetPool:
     def members_list(self, set_id: int) -> list[int]:
         """The members of one set as Python ints, through numpy views of the buffers (a tensor
         slice per set costs ten times more, and the planner asks set by set)."""
-        off = self._offsets.data.numpy()
-        return self._members.data.numpy()[off[set_id]: off[set_id + 1]].tolist()
+        off = self._offsets.numpy()
+        return self._members.numpy()[off[set_id]: off[set_id + 1]].tolist()
 
     @_one_thread
     def members(self, set_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

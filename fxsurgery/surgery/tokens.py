@@ -110,6 +110,19 @@ class LabelSpace:
             s = memo[set_id] = frozenset(lt[i] for i in self.pools[side].sets[set_id])
         return s
 
+    def _token_sets(self, side: str, set_ids: list[int]) -> list[frozenset]:
+        """The token sets of many set ids, their members gathered in one call (a vocabulary's
+        worth of singleton sets, one Python read each, was most of a plan's time)."""
+        members, seg = self.pools[side].members(torch.tensor(set_ids, dtype=torch.int64))
+        lt = self.label_tokens[side]
+        toks = list(map(lt.__getitem__, members.tolist()))
+        ends = torch.cumsum(torch.bincount(seg, minlength=len(set_ids)), 0).tolist()
+        out, start = [], 0
+        for end in ends:
+            out.append(frozenset(toks[start:end]))
+            start = end
+        return out
+
     # token sets: label sets of either side, numbered once -------------------------------
     def tset(self, side: str, set_id: int) -> int:
         """The number of the token set of a set id (equal sets of both sides: equal numbers)."""
@@ -137,9 +150,7 @@ class LabelSpace:
         keys = uniq.tolist()
         missing = [k for k in keys if k not in memo]
         if missing:
-            lt, sets, intern = self.label_tokens[side], self.pools[side].sets, self.intern_tset
-            for k in missing:
-                memo[k] = intern(frozenset(map(lt.__getitem__, sets[k])))
+            memo.update(zip(missing, map(self.intern_tset, self._token_sets(side, missing))))
         vals = list(map(memo.__getitem__, keys))
         out = torch.tensor(vals, dtype=torch.int64).index_select(0, inverse.reshape(-1)).reshape(inverse.shape)
         return out, vals
