@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 from tabulate import tabulate
 
+from ._gc import gc_paused
 from ._sort import one_thread, unique
 from .capture import Traced
 from .labels import Label, SetPool
@@ -274,7 +275,7 @@ def interaction_map(traced: Traced, keys: bool = True, registry=REGISTRY) -> Int
     # One thread: the rules run thousands of tensor calls on a few thousand ids each, where
     # torch's intra-op pool only adds synchronisation; on a 2-core machine under load the
     # 2-layer Llama-shaped map took 6.5 s with it against 1.9 s without.
-    with one_thread():
+    with one_thread(), gc_paused():
         deps = LabelPropagator(traced, pool, "deps", registry)
         deps.run(*_placeholder_args(traced))
         kp = None

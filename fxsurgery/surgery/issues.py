@@ -13,7 +13,7 @@ from torch.export.graph_signature import OutputKind, TensorArgument
 from ..propagate import META_KEY, fallbacks
 from ..terms import Terms
 from ..nodes import node_tag
-from .._sort import map_distinct, unique
+from .._sort import unique
 from .match import match
 from .tokens import LabelSpace, describe
 
@@ -254,22 +254,22 @@ def _common(space: LabelSpace, side: str, ids: torch.Tensor | None) -> torch.Ten
     by name): what an output position depends on, minus what was added or removed."""
     if ids is None:
         return None
-    pool, tokens = space.pools[side], space.label_tokens[side]
-    gone = space.new_only | space.removed
-    return map_distinct(ids, lambda sid: pool.intern(i for i in pool.sets[sid] if tokens[i] not in gone))
+    pool = space.pools[side]
+    uniq, inverse = unique(ids)
+    members, seg = pool.members(uniq)   # a logit's set holds a vocabulary: filtered in tensor code
+    keep = ~space.token_mask("gone")[space.token_ids(side)[members]]
+    return pool.intern_segments(members[keep], seg[keep], uniq.numel())[inverse.reshape(ids.shape)]
 
 
 def _flags(space: LabelSpace, ids: torch.Tensor, side: str) -> tuple[torch.Tensor, set]:
     """Per element: does its set hold a label only the new model has (side "new"), or one the
     new model lacks (side "old")? And which such labels there are."""
-    only = space.new_only if side == "new" else space.removed
-    found = set()
-
-    def flag(sid):
-        hit = space.tokens(side, sid) & only
-        found.update(hit)
-        return bool(hit)
-    return map_distinct(ids, flag, torch.bool), found
+    uniq, inverse = unique(ids)
+    members, seg = space.pools[side].members(uniq)
+    toks = space.token_ids(side)[members]
+    hit = space.token_mask("new_only" if side == "new" else "removed")[toks]
+    flags = torch.bincount(seg[hit], minlength=uniq.numel()) > 0
+    return flags[inverse.reshape(ids.shape)], set(unique(toks[hit])[0].tolist())
 
 
 def check_points(space: LabelSpace, points, side: str = "new") -> list[Issue]:

@@ -360,13 +360,8 @@ def match(space: LabelSpace, new_shape, new_meets: Terms | None, new_aligned: Te
         tm, ta = sm.per_block[k], sa.per_block[k]
         if not slow:
             return tm * _SHIFT + ta
-        uniq, inverse = unique(tm * _SHIFT + ta)
         em, ea = frozenset(extra[(side, "m")].get(k, ())), frozenset(extra[(side, "a")].get(k, ()))
-        out = []
-        for code in uniq.tolist():
-            a, b = divmod(code, _SHIFT)
-            out.append(space.intern_tset((sets[a] - u_m) | em) * _SHIFT + space.intern_tset((sets[b] - u_a) | ea))
-        return torch.tensor(out, dtype=torch.int64).index_select(0, inverse.reshape(-1)).reshape(inverse.shape)
+        return _stripped(space, tm, u_m, em) * _SHIFT + _stripped(space, ta, u_a, ea)
 
     problems = []
     for k, axes in enumerate(blocks):
@@ -401,6 +396,17 @@ def match(space: LabelSpace, new_shape, new_meets: Terms | None, new_aligned: Te
     m.new_met, m.new_aligned, m.removed_labels = frozenset(new_met), frozenset(new_aligned_l), frozenset(removed_l)
     m.removed_met = frozenset(removed_met_l)
     return m
+
+
+def _stripped(space: LabelSpace, tsets: torch.Tensor, universal: frozenset, extra: frozenset) -> torch.Tensor:
+    """Each token set of `tsets` without the labels every element holds, with `extra` added
+    (computed once per distinct set: a vocabulary axis has a hundred thousand)."""
+    if not universal and not extra:
+        return tsets
+    uniq, inverse = unique(tsets)
+    sets, intern = space.tset_tokens, space.intern_tset
+    out = [intern((sets[t] - universal) | extra) for t in uniq.tolist()]
+    return torch.tensor(out, dtype=torch.int64)[inverse.reshape(-1)].reshape(tsets.shape)
 
 
 def _ambiguity(axes, old_shape, new_shape) -> str:

@@ -15,6 +15,7 @@ from typing import Callable, Mapping
 import torch
 
 from ..capture import Traced, trace
+from .._gc import paused
 from ..interaction_map import interaction_map
 from ..tied import tied_names
 from .apply import build, writes_nothing
@@ -246,6 +247,7 @@ def _non_persistent(model: torch.nn.Module) -> set[str]:
             for b in getattr(mod, "_non_persistent_buffers_set", ())}
 
 
+@paused
 def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
          units: Mapping[str, list] | None = None, strict: bool = False,
          new_categories: str = "zero") -> SurgeryPlan:

@@ -8,6 +8,8 @@ set id.
 """
 from __future__ import annotations
 
+import bisect
+
 import torch
 
 from ..labels import Label
@@ -34,12 +36,17 @@ class LabelSpace:
         self.pools = {"old": old_pool, "new": new_pool}
         self.rename = dict(rename or {})
         self._ids: dict[tuple, int] = {}
-        self.info: list[Label] = []          # token -> a label to show for it
+        self.info: dict[int, Label] = {}     # token -> a label to show for it (block tokens: made on demand)
+        self._n_tokens = 0
+        self._token_tensors: dict[str, torch.Tensor] = {}
+        self._token_masks: dict[str, torch.Tensor] = {}
+        self._memo_t: dict[str, torch.Tensor] = {}
+        self._single_t: torch.Tensor | None = None
+        self._categories: list[int] = []
         self.old_groups = unit_sizes(old_pool)
         self.new_groups = unit_sizes(new_pool)
         # new group -> {old pos: new pos}; inserted new group -> the group it stands for
         self.unit_maps, self.unit_aliases = check_units(units, self.rename, self.old_groups, self.new_groups)
-        self._new_units = {(lab.group, lab.index): lab for lab in new_pool.labels if lab.kind == "unit"}
         # Units that stand for categories (a tied output projection) match by category.
         old_cat = {rename_prefix(g, self.rename): v for g, v in category_units(old_map).items()}
         new_cat = category_units(new_map)
@@ -51,14 +58,16 @@ class LabelSpace:
         both = {g for g in old_split if g in new_split and len(old_split[g]) == len(new_split[g])
                 and g not in self.unit_maps}
         self.unit_splits = {"old": {g: old_split[g] for g in both}, "new": {g: new_split[g] for g in both}}
-        self.label_tokens = {
-            "old": [self._token(lab, "old") for lab in old_pool.labels],
-            "new": [self._token(lab, "new") for lab in new_pool.labels],
-        }
+        # Plain hidden axes (no alias, categories, parts or unit map) number their units in one
+        # block of tokens each: ("u", group, index) is block start + index, no entry per unit.
+        self._blocks: dict[str, tuple[int, int]] = {}    # group -> (first token, size)
+        self._block_starts: list[int] = []
+        self._block_groups: list[str] = []
+        self.label_tokens = {"old": self._range_tokens(old_pool, "old"), "new": self._range_tokens(new_pool, "new")}
         old_set, new_set = set(self.label_tokens["old"]), set(self.label_tokens["new"])
         self.new_only = frozenset(new_set - old_set)
         self.removed = frozenset(old_set - new_set)
-        self.categories = frozenset(t for t in old_set | new_set if self.info[t].kind == "category")
+        self.categories = frozenset(t for t in self._categories if t in old_set or t in new_set)
         self.removed_data = frozenset(self.removed - self.categories)
         self._sets: dict[str, dict[int, frozenset]] = {"old": {}, "new": {}}
         self._tset_of: dict[str, dict[int, int]] = {"old": {}, "new": {}}
@@ -69,11 +78,57 @@ class LabelSpace:
 
     # tokens ---------------------------------------------------------------------------
     def _intern(self, key: tuple, label: Label) -> int:
+        if key[0] == "u":   # every (group, index) unit token lives in its group's block
+            start, size = self._block(key[1])
+            if 0 <= key[2] < size:
+                return start + key[2]
         t = self._ids.get(key)
         if t is None:
-            t = self._ids[key] = len(self.info)
-            self.info.append(label)
+            t = self._ids[key] = self._n_tokens
+            self._n_tokens += 1
+            self.info[t] = label
+            if label.kind == "category":
+                self._categories.append(t)
         return t
+
+    def _plain(self, group: str, side: str) -> bool:
+        """Whether a unit group's tokens are (group, index) with nothing to look up."""
+        if side == "new" and group in self.unit_aliases:
+            return False
+        return group not in self.category_units[side] and group not in self.unit_splits[side] \
+            and (side == "new" or group not in self.unit_maps)
+
+    def _block(self, group: str) -> tuple[int, int]:
+        b = self._blocks.get(group)
+        if b is None:
+            size = max(self.new_groups.get(group, 0),
+                       max((n for g, n in self.old_groups.items() if rename_prefix(g, self.rename) == group),
+                           default=0))
+            b = self._blocks[group] = (self._n_tokens, size)
+            self._block_starts.append(self._n_tokens)
+            self._block_groups.append(group)
+            self._n_tokens += size
+        return b
+
+    def _range_tokens(self, pool, side: str) -> list[int]:
+        """The token of every label of a pool, range by range: a plain unit range is arithmetic
+        on its group's block, the others are looked up label by label."""
+        out: list[int] = []
+        for r in pool._ranges:
+            group = r.group if side == "new" or r.kind != "unit" else rename_prefix(r.group, self.rename)
+            if r.kind == "unit" and r.names is None and self._plain(group, side):
+                start, size = self._block(group)
+                if r.first + r.n <= size:
+                    out.extend(range(start + r.first, start + r.first + r.n))
+                    continue
+            if r.kind != "unit":
+                ids, intern = self._ids, self._intern
+                for k in range(r.n):   # one dict read per label; a Label only for a new token
+                    t = ids.get(("x", r.kind, r.group, r.names[k] if r.names is not None else str(r.first + k)))
+                    out.append(t if t is not None else self._token(r.label(k), side))
+                continue
+            out.extend(self._token(r.label(k), side) for k in range(r.n))
+        return out
 
     def _token(self, lab: Label, side: str) -> int:
         if lab.kind != "unit":
@@ -81,7 +136,7 @@ class LabelSpace:
         if side == "new" and lab.group in self.unit_aliases:
             # An inserted layer's unit j is the unit j of the group it stands for.
             target = self.unit_aliases[lab.group]
-            tlab = self._new_units.get((target, lab.index)) or Label("unit", target, str(lab.index), lab.index)
+            tlab = _unit_label(self.pools["new"], target, lab.index)
             return self._token(tlab, "new")
         group = lab.group if side == "new" else rename_prefix(lab.group, self.rename)
         cat = self.category_units[side].get(group, {}).get(lab.index)
@@ -146,14 +201,47 @@ class LabelSpace:
     def translate(self, side: str, ids: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """Token-set numbers of an id tensor (same shape), and the distinct numbers found."""
         uniq, inverse = unique(ids)
-        memo = self._tset_of[side]
-        keys = uniq.tolist()
-        missing = [k for k in keys if k not in memo]
-        if missing:
-            memo.update(zip(missing, map(self.intern_tset, self._token_sets(side, missing))))
-        vals = list(map(memo.__getitem__, keys))
-        out = torch.tensor(vals, dtype=torch.int64).index_select(0, inverse.reshape(-1)).reshape(inverse.shape)
-        return out, vals
+        memo = self._set_memo(side)
+        got = memo[uniq]
+        miss = got < 0
+        if bool(miss.any()):
+            todo = uniq[miss]
+            pool = self.pools[side]
+            single = pool.sizes(todo) == 1
+            if bool(single.any()):   # a vocabulary's rows: one token each, numbered in tensor code
+                ones = todo[single]
+                memo[ones] = self._singleton_tsets(self.token_ids(side)[pool.members(ones)[0]])
+            rest = todo[~single].tolist()
+            if rest:
+                memo[torch.tensor(rest, dtype=torch.int64)] = torch.tensor(
+                    list(map(self.intern_tset, self._token_sets(side, rest))), dtype=torch.int64)
+            got = memo[uniq]
+        return got[inverse.reshape(-1)].reshape(inverse.shape), got.tolist()
+
+    def _set_memo(self, side: str) -> torch.Tensor:
+        """Per set id of one side: its token-set number, -1 until asked (grown with the pool)."""
+        memo = self._memo_t.get(side)
+        n = self.pools[side].n_sets
+        if memo is None or memo.numel() < n:
+            grown = torch.full((n,), -1, dtype=torch.int64)
+            if memo is not None:
+                grown[:memo.numel()] = memo
+            memo = self._memo_t[side] = grown
+        return memo
+
+    def _singleton_tsets(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The token-set number of {t} for each token t."""
+        n = self._n_tokens
+        if self._single_t is None:
+            self._single_t = torch.full((n,), -1, dtype=torch.int64)
+        got = self._single_t[tokens]
+        miss = got < 0
+        if bool(miss.any()):
+            new = unique(tokens[miss])[0]
+            self._single_t[new] = torch.tensor([self.intern_tset(frozenset((t,))) for t in new.tolist()],
+                                               dtype=torch.int64)
+            got = self._single_t[tokens]
+        return got
 
     def flags(self, tsets: torch.Tensor, uniq: list[int], which: int) -> torch.Tensor:
         """A flag of each token set of `tsets` (whose distinct values are `uniq`): 0 holds a new
@@ -167,12 +255,44 @@ class LabelSpace:
             return tsets == hits[0]
         return isin(tsets, hits)
 
+    def token_ids(self, side: str) -> torch.Tensor:
+        """The token of every label id of one side, as a tensor (for whole batches of members)."""
+        t = self._token_tensors.get(side)
+        if t is None:
+            t = self._token_tensors[side] = torch.tensor(self.label_tokens[side], dtype=torch.int64)
+        return t
+
+    def token_mask(self, which: str) -> torch.Tensor:
+        """Per token: is it in `which` ("new_only", "removed", "gone": either)."""
+        t = self._token_masks.get(which)
+        if t is None:
+            toks = self.new_only | self.removed if which == "gone" else getattr(self, which)
+            t = torch.zeros(self._n_tokens, dtype=torch.bool)
+            if toks:
+                t[torch.tensor(sorted(toks), dtype=torch.int64)] = True
+            self._token_masks[which] = t
+        return t
+
     def label(self, token: int) -> Label:
-        return self.info[token]
+        lab = self.info.get(token)
+        if lab is None:
+            k = bisect.bisect_right(self._block_starts, token) - 1
+            group = self._block_groups[k]
+            index = token - self._block_starts[k]
+            lab = self.info[token] = Label("unit", group, str(index), index)
+        return lab
 
     def inserted(self, group: str) -> str | None:
         """The group an inserted hidden axis stands for (None if `group` is not an alias)."""
         return self.unit_aliases.get(group)
+
+
+def _unit_label(pool, group: str, index: int) -> Label:
+    """The new model's Label of unit `index` of `group` (found through the group's ranges)."""
+    for r in pool.ranges("unit", group):
+        if r.first <= index < r.first + r.n:
+            return r.label(index - r.first)
+    return Label("unit", group, str(index), index)
 
 
 def describe(tokens, space: LabelSpace, limit: int = 3) -> str:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import torch
+
 from ..labels import Label
+from ..setpool import KINDS
 from .._sort import unique
 from .errors import SurgeryError, _listing
 from .renames import rename_prefix
@@ -30,9 +33,9 @@ def category_units(imap) -> dict[str, dict[int, Label]]:
     group (the rows of an embedding whose output projection is tied to it: logit r is category
     r). Their units are matched by category, not by position."""
     pool = imap.pool
-    labels = pool.labels
     if not pool.class_sizes(("category",)):
         return {}
+    category, unit = KINDS.index("category"), KINDS.index("unit")
     found: dict[str, dict[int, Label]] = {}
     for e in imap.entries.values():
         if e.key_meets is None:
@@ -41,23 +44,35 @@ def category_units(imap) -> dict[str, dict[int, Label]]:
             m = _axis_ids(e.key_meets, d, pool)
             if m is None:
                 continue
-            if not any(labels[i].kind == "category" for s in unique(m)[0].tolist() for i in pool.sets[s]):
+            cats = _only_member(pool, m, category)   # a vocabulary's rows: checked in tensor code
+            if cats is None:
                 continue
             a = _axis_ids(e.key_aligned, d, pool)
-            if a is None:
+            units = _only_member(pool, a, unit) if a is not None else None
+            if units is None:
                 continue
-            pairs, group, ok = {}, None, True
-            for ms, as_ in zip(m.tolist(), a.tolist()):
-                cats = [labels[i] for i in pool.sets[ms] if labels[i].kind == "category"]
-                units = [labels[i] for i in pool.sets[as_] if labels[i].kind == "unit"]
-                if len(cats) != 1 or len(units) != 1 or (group is not None and units[0].group != group):
-                    ok = False
-                    break
-                group = units[0].group
-                pairs[units[0].index] = cats[0]
-            if ok and group is not None and len({(c.group, c.name) for c in pairs.values()}) == len(pairs):
-                found.setdefault(group, {}).update(pairs)
+            groups = {pool.label(i).group for i in unique(units)[0].tolist()}
+            if len(groups) != 1:
+                continue
+            index = pool.indices(units)
+            labels = pool.labels
+            pairs = {u: labels[c] for u, c in zip(index.tolist(), cats.tolist())}
+            if len({(c.group, c.name) for c in pairs.values()}) == len(pairs):
+                found.setdefault(groups.pop(), {}).update(pairs)
     return found
+
+
+def _only_member(pool, set_ids, kind: int):
+    """The one label of `kind` in each set of `set_ids`, or None unless every set holds
+    exactly one (a set of one category and some units counts: only `kind` is looked at)."""
+    uniq, inverse = unique(set_ids)
+    members, seg = pool.members(uniq)
+    hit = pool.kinds(members) == kind
+    if int(hit.sum()) != uniq.numel() or not bool((torch.bincount(seg[hit], minlength=uniq.numel()) == 1).all()):
+        return None
+    only = torch.empty(uniq.numel(), dtype=torch.int64)
+    only[seg[hit]] = members[hit]
+    return only[inverse.reshape(-1)]
 
 
 def unit_sizes(pool) -> dict[str, int]:
