@@ -126,7 +126,7 @@ class RuleContext:
 
 class LabelPropagator(torch.fx.Interpreter):
     def __init__(self, traced: Traced, pool: SetPool, mode: str = "deps",
-                 registry: RuleRegistry = REGISTRY, graph_module=None):
+                 registry: RuleRegistry = REGISTRY, graph_module=None, step=None):
         super().__init__(graph_module or traced.graph_module, garbage_collect_values=True)
         if mode not in ("deps", "keys"):
             raise ValueError(f"mode must be 'deps' or 'keys', got {mode!r}")
@@ -140,6 +140,7 @@ class LabelPropagator(torch.fx.Interpreter):
         self._units: dict[tuple[str, int], torch.Tensor] = {}
         self._node: torch.fx.Node | None = None
         self.outer: torch.fx.Node | None = None   # for a sub-graph: the node of the traced graph running it
+        self.step = step   # called with no argument after each node (a progress bar); sub-graphs get none
 
     # bookkeeping ---------------------------------------------------------------------
     def note(self, message: str) -> None:
@@ -183,6 +184,8 @@ class LabelPropagator(torch.fx.Interpreter):
         result = super().run_node(n)
         if n.op != "output":
             n.meta.setdefault(META_KEY, {})[self.mode] = result
+        if self.step is not None:
+            self.step()
         return result
 
     def placeholder(self, target, args, kwargs):

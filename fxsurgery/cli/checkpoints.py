@@ -161,11 +161,11 @@ def stream(plans, src: str, output: str, args, *, init=None, config=None, init_l
     into the directory `output`; intermediate checkpoints live in a temporary folder next to it,
     deleted in any case. Returns the last `Written`."""
     from ..surgery.checkpoint import apply_to_checkpoint
-    from .common import log
+    from .common import log, progress as progress_of
     from .files import TEMP_PREFIX
     parent = os.path.dirname(os.path.abspath(output).rstrip(os.sep)) or os.sep
     work = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent) if len(plans) > 1 else None
-    progress = False if getattr(args, "quiet", False) else None     # a bar on a terminal only
+    progress = progress_of(args)     # a bar on a terminal only
     try:
         current, written = src, None
         for i, p in enumerate(plans, 1):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from .common import add_format_arguments
+from .common import add_format_arguments, progress
 from .factories import build, capture
 from .files import check_distinct, check_output, write_atomically
 
@@ -16,7 +16,7 @@ def run(args) -> int:
         check_output(args.json, "the map", "--json")
         check_distinct([(args.json, "--json", "the map")], [(args.features, "--features", "the features file")])
     model, inputs, features = build(args.model, args.input, args.features, args.device)
-    imap = fs.interaction_map(capture(model, inputs, features))
+    imap = fs.interaction_map(capture(model, inputs, features), progress=progress(args))
     print(imap.table(tablefmt=args.format))
     if args.json:
         write_atomically(args.json, lambda f: json.dump(imap.to_json(), f, indent=1), "the map", text=True)
@@ -31,5 +31,5 @@ def add_parser(subparsers) -> None:
     m.add_argument("--features", help="JSON file: input name -> description")
     m.add_argument("--json", help="write the map as JSON to this file")
     m.add_argument("--device", default="cpu", help="device for --input tensors (meta: no memory)")
-    add_format_arguments(m, quiet=False)
+    add_format_arguments(m)
     m.set_defaults(run=run)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from .checkpoints import load_checkpoint, load_into, on_meta
-from .common import add_format_arguments, log
+from .common import add_format_arguments, log, progress
 from .errors import CliError
 from .factories import build, capture, read_json_object
 
@@ -66,7 +66,7 @@ def make_plan(args, need_weights: bool):
     t_new = capture(new, new_inputs, new_features)
     log(args, "mapping and planning")
     p = plan(t_old, t_new, rename=_rename(args.rename), units=_units(args.units), strict=args.strict,
-             new_categories=args.new_categories)
+             new_categories=args.new_categories, progress=progress(args))
     log(args, f"  planned in {time.perf_counter() - t0:.1f}s")
     return p
 

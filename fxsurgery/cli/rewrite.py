@@ -19,6 +19,7 @@ models have no weights.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -96,12 +97,14 @@ def load_model(args):
     return capture(model, inputs, features), sum(int(t.numel()) for t in model.state_dict().values()), model
 
 
-def _call(spec: ChangeSpec, source, a, kw):
+def _call(spec: ChangeSpec, source, a, kw, args):
     import fxsurgery.passes as passes
+    from ..progress import no_bars
     fn = getattr(passes, spec.function, None)
     if fn is None:
         raise CliError(f"{spec.flag}: fs.passes.{spec.function} is not available in this version of fxsurgery")
-    with quiet_torch(), warnings.catch_warnings():
+    # The passes map and plan inside; with --quiet their bars are off (progress=None means none).
+    with quiet_torch(), warnings.catch_warnings(), no_bars() if args.quiet else contextlib.nullcontext():
         warnings.simplefilter("ignore", UserWarning)  # re-initialisation notes: the plan's table says them
         return fn(source, *a, **kw)
 
@@ -115,7 +118,7 @@ def apply_changes(args, source, parsed):
     for i, (flag, text, spec, a, kw) in enumerate(parsed, 1):
         log(args, f"[{i}/{len(parsed)}] {flag} {text}")
         try:
-            gm = _call(spec, source, a, kw)
+            gm = _call(spec, source, a, kw, args)
         except CliError:
             raise
         except Exception as err:  # noqa: BLE001 - every failure of a change is one line naming it

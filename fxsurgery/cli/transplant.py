@@ -17,7 +17,7 @@ import time
 import torch
 
 from .checkpoints import check_output_directory, config_files, init_of, is_directory_output, stream
-from .common import log
+from .common import log, progress
 from .errors import CliError
 from .factories import build, capture
 from .files import Outputs, check_distinct, check_output
@@ -76,7 +76,7 @@ def make_meta_plan(args):
     log(args, "tracing and planning")
     p = plan(capture(old, old_inputs, old_features), capture(new, new_inputs, new_features),
              rename=_rename(args.rename), units=_units(args.units), strict=args.strict,
-             new_categories=args.new_categories)
+             new_categories=args.new_categories, progress=progress(args))
     log(args, f"  planned in {time.perf_counter() - t0:.1f}s")
     return p
 

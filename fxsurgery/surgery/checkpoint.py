@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Callable
 import torch
 
 from .._durable import fsync_folder, umask
+from ..progress import open_bar
 from ..tied import tied_names
 from .apply import build, in_place_writes
 from .checkpoint_files import ShardWriter, Source, parse_size, shard_names, write_index
@@ -339,28 +339,11 @@ def _initial(plan, o: _Out, values: ModuleInit, scratch: Scratch, rows_ok: bool)
 
 
 def _progress(progress, total: int):
-    """(report(name, done, total), close()) for the progress argument."""
-    if callable(progress):
-        return progress, lambda: None
-    if progress is None:
-        progress = sys.stderr.isatty()
-        try:
-            import tqdm  # noqa: F401 - optional: no bar without it
-        except ImportError:
-            progress = False
-    if not progress:
+    """(report(name, done, total), close()) for the progress argument (see fxsurgery.progress)."""
+    bar = open_bar(progress, "writing checkpoint", total, error=SurgeryError, unit="B", unit_scale=True)
+    if bar is None:
         return (lambda *a: None), lambda: None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        raise SurgeryError("progress=True needs tqdm (pip install tqdm); pass progress=False") from None
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing checkpoint")
-    last = [0]
-
-    def report(name, done, _total):
-        bar.update(done - last[0])
-        last[0] = done
-    return report, bar.close
+    return (lambda name, done, _total: bar.update(done, name)), bar.close
 
 
 def transplant_checkpoint(old_model: torch.nn.Module, new_model: torch.nn.Module, old_inputs, new_inputs,

@@ -17,6 +17,7 @@ import torch
 from ..capture import Traced, trace
 from .._gc import paused
 from ..interaction_map import interaction_map
+from ..progress import check as check_progress, counted, steps
 from ..tied import tied_names
 from .apply import build, writes_nothing
 from .commit import Commit, OldMemory, state_tensors
@@ -250,7 +251,7 @@ def _non_persistent(model: torch.nn.Module) -> set[str]:
 @paused
 def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
          units: Mapping[str, list] | None = None, strict: bool = False,
-         new_categories: str = "zero") -> SurgeryPlan:
+         new_categories: str = "zero", *, progress=None) -> SurgeryPlan:
     """Plans carrying the old model's weights into the new one.
 
     rename: old name prefix -> new name prefix, for modules or parameters that were renamed
@@ -271,6 +272,12 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
         explain.
     new_categories: new embedding rows are "zero" (default), the "mean" of the old rows, or
         "keep" the new model's values.
+    progress: tqdm bars on stderr for mapping each model and for matching the parameters (None,
+        the default: only on a terminal, with tqdm installed, for graphs of
+        fxsurgery.progress.LARGE_GRAPH nodes or more; True: always; False: never), or a
+        callable(what, done, total) called as each advances, `what` being "mapping <old model
+        class>", "mapping <new model class>", then "planning <new model class>" (parameters
+        matched).
     """
     for what, t in (("old", old), ("new", new)):
         if not isinstance(t, Traced):
@@ -278,16 +285,17 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
                                f"model is a {type(t).__name__}")
     if new_categories not in NEW_CATEGORIES:
         raise SurgeryError(f"new_categories must be one of {NEW_CATEGORIES}, got {new_categories!r}")
+    check_progress(progress, SurgeryError)   # progress=True without tqdm fails before any work
     timings = {}
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*_flat_weights.*")
-        old_map = interaction_map(old)
+        old_map = interaction_map(old, progress=progress)
         old_outputs = output_keys(old)  # read now: mapping `new` may overwrite node metadata
         old_points = graph_points(old)
         old_fallbacks = fallback_points(old)
         old_splits = unit_splits(old, old_map.pool)
-        new_map = interaction_map(new)
+        new_map = interaction_map(new, progress=progress)
     new_outputs = output_keys(new)
     new_splits = unit_splits(new, new_map.pool)
     points = graph_points(new)
@@ -315,23 +323,26 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
     # kept, never matched (matching would zero a rotary table, which every attention head
     # meets, old and new alike), and the old ones are not reported dropped.
     old_derived, new_derived = _non_persistent(old.model), _non_persistent(new.model)
-    for nname, e in new_map.entries.items():
-        aliases = tuple(e.aliases or (nname,))
-        if all(a in new_derived for a in aliases):
-            params[nname] = ParamPlan(nname, None, aliases, e.kind, Match(new_shape=tuple(e.shape), old_shape=None,
-                                                                          copy=False), persistent=False)
-            continue
-        oname = next((old_by_new[a] for a in aliases if a in old_by_new), None)
-        if oname is not None:
-            oe = old_map.entries[oname]
-            used_old.add(oname)
-            m = match(space, e.shape, e.key_meets, e.key_aligned, oe.shape, oe.key_meets, oe.key_aligned)
-        else:
-            m = match(space, e.shape, e.key_meets, e.key_aligned)
-        params[nname] = ParamPlan(nname, oname, aliases, e.kind, m,
-                                  inserted=_inserted(space, new_map.pool, e.key_aligned))
-        if m.unexplained:
-            problems.append(nname)
+    # With progress=None the bar shows for a new graph as large as the mapping's would.
+    with steps(progress, f"planning {type(new.model).__name__}", len(new_map.entries), nodes=len(new.graph.nodes),
+               unit="param", error=SurgeryError) as step:
+        for nname, e in counted(new_map.entries.items(), step):
+            aliases = tuple(e.aliases or (nname,))
+            if all(a in new_derived for a in aliases):
+                kept = Match(new_shape=tuple(e.shape), old_shape=None, copy=False)
+                params[nname] = ParamPlan(nname, None, aliases, e.kind, kept, persistent=False)
+                continue
+            oname = next((old_by_new[a] for a in aliases if a in old_by_new), None)
+            if oname is not None:
+                oe = old_map.entries[oname]
+                used_old.add(oname)
+                m = match(space, e.shape, e.key_meets, e.key_aligned, oe.shape, oe.key_meets, oe.key_aligned)
+            else:
+                m = match(space, e.shape, e.key_meets, e.key_aligned)
+            params[nname] = ParamPlan(nname, oname, aliases, e.kind, m,
+                                      inserted=_inserted(space, new_map.pool, e.key_aligned))
+            if m.unexplained:
+                problems.append(nname)
     # State the graph does not read (unused parameters, untouched buffers): by name and shape.
     covered = {a for p in params.values() for a in p.aliases}
     new_alias = tied_names(new.model)
