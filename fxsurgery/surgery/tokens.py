@@ -238,8 +238,22 @@ class LabelSpace:
         miss = got < 0
         if bool(miss.any()):
             new = unique(tokens[miss])[0]
-            self._single_t[new] = torch.tensor([self.intern_tset(frozenset((t,))) for t in new.tolist()],
-                                               dtype=torch.int64)
+            known = [self._tset_ids.get(frozenset((t,)), -1) for t in new.tolist()]
+            self._single_t[new] = torch.tensor(known, dtype=torch.int64)
+            fresh = new[self._single_t[new] < 0]
+            if fresh.numel():   # numbered in one batch, their flags read off the token masks
+                first = len(self.tset_tokens)
+                numbers = list(range(first, first + fresh.numel()))
+                sets = [frozenset((t,)) for t in fresh.tolist()]
+                self.tset_tokens.extend(sets)
+                self._tset_ids.update(zip(sets, numbers))
+                new_f = self.token_mask("new_only")[fresh].tolist()
+                cat_f = self.token_mask("categories")[fresh].tolist()
+                gone_f = self.token_mask("removed")[fresh].tolist()
+                data_f = self.token_mask("removed_data")[fresh].tolist()
+                self.tset_flags.extend(zip(new_f, [a and b for a, b in zip(new_f, cat_f)], gone_f,
+                                           [a and b for a, b in zip(gone_f, data_f)]))
+                self._single_t[fresh] = torch.tensor(numbers, dtype=torch.int64)
             got = self._single_t[tokens]
         return got
 
@@ -263,7 +277,8 @@ class LabelSpace:
         return t
 
     def token_mask(self, which: str) -> torch.Tensor:
-        """Per token: is it in `which` ("new_only", "removed", "gone": either)."""
+        """Per token: is it in `which` ("new_only", "removed", "removed_data", "categories", or
+        "gone": new or removed)."""
         t = self._token_masks.get(which)
         if t is None:
             toks = self.new_only | self.removed if which == "gone" else getattr(self, which)
