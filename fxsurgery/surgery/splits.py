@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..propagate import META_KEY
+from ..setpool import KINDS
 from .units import unit_sizes
 
 __all__ = ["unit_splits", "digits"]
@@ -38,21 +39,27 @@ def _units_along(lt, pool, sizes):
     vary = [d for d in range(ids.dim()) if ids.shape[d] > 1]
     if len(vary) != 1:
         return None
-    line = ids.reshape(-1).tolist()
-    labels = pool.labels
-    first = None
-    for k, sid in enumerate(line):
-        s = pool.sets[sid]
-        if len(s) != 1:
+    line = ids.reshape(-1)
+    # Checked in tensor code: the line may be a 14,336-unit axis, at every reshape of the graph.
+    if not bool((pool.sizes(line) == 1).all()):
+        return None
+    members, _ = pool.members(line)
+    if not bool((pool.kinds(members) == KINDS.index("unit")).all()):
+        return None
+    first = pool.label(int(members[0]))
+    if line.numel() > 1:
+        rest = members[1:]
+        steps = pool.indices(rest) - first.index - torch.arange(1, line.numel())
+        if bool((steps != 0).any()) or {r.group for r in _ranges_of(pool, rest)} != {first.group}:
             return None
-        lab = labels[next(iter(s))]
-        if lab.kind != "unit":
-            return None
-        if first is None:
-            first = lab
-        elif lab.group != first.group or lab.index != first.index + k:
-            return None
-    return first.group, first.index, len(line)
+    return first.group, first.index, int(line.numel())
+
+
+def _ranges_of(pool, label_ids: torch.Tensor) -> list:
+    """The label ranges that `label_ids` fall in (consecutive units span few ranges)."""
+    starts = torch.tensor(pool._starts, dtype=torch.int64)
+    which = torch.unique(torch.searchsorted(starts, label_ids, right=True) - 1).tolist()
+    return [pool._ranges[k] for k in which]
 
 
 def _inner(lt) -> int | None:
