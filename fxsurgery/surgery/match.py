@@ -367,17 +367,18 @@ def match(space: LabelSpace, new_shape, new_meets: Terms | None, new_aligned: Te
     for k, axes in enumerate(blocks):
         c_new = classes("new", nm, na, u_nm, u_na, k)
         zero, category = space.flags(nm.per_block[k], nm.uniq[k], 0), space.flags(nm.per_block[k], nm.uniq[k], 1)
-        for t in nm.uniq[k]:
+        # Only the sets flagged as holding such labels are opened (a vocabulary axis has 128k).
+        for t in space.hits(nm.uniq[k], 0):
             new_met.update(sets[t] & new_only)
-        for t in na.uniq[k]:
+        for t in space.hits(na.uniq[k], 0):
             new_aligned_l.update(sets[t] & new_only)
         if has_old:
             c_old = classes("old", om, oa, u_om, u_oa, k)
             removed_data_f = space.flags(om.per_block[k], om.uniq[k], 3)
             removed_f = space.flags(om.per_block[k], om.uniq[k], 2) | space.flags(oa.per_block[k], oa.uniq[k], 2)
-            for t in om.uniq[k]:
+            for t in space.hits(om.uniq[k], 2):
                 removed_met_l.update(sets[t] & removed)
-            for t in om.uniq[k] + oa.uniq[k]:
+            for t in space.hits(om.uniq[k] + oa.uniq[k], 2):
                 removed_l.update(sets[t] & removed)
             index, ambiguous = _match_classes(c_old, c_new)
             if ambiguous.numel():

@@ -257,12 +257,16 @@ class LabelSpace:
             got = self._single_t[tokens]
         return got
 
+    def hits(self, tsets: list[int], which: int) -> list[int]:
+        """The token sets of `tsets` whose flag `which` is set (see `flags`)."""
+        f = self.tset_flags
+        return [t for t in tsets if f[t][which]]
+
     def flags(self, tsets: torch.Tensor, uniq: list[int], which: int) -> torch.Tensor:
         """A flag of each token set of `tsets` (whose distinct values are `uniq`): 0 holds a new
         label, 1 ... and all of them categories, 2 holds a removed label, 3 holds a removed
         feature, input or unit."""
-        f = self.tset_flags
-        hits = [t for t in uniq if f[t][which]]
+        hits = self.hits(uniq, which)
         if not hits:
             return torch.zeros(tsets.shape, dtype=torch.bool)
         if len(hits) == 1:
