@@ -110,3 +110,24 @@ def test_the_python_and_tensor_paths_share_one_index():
     s2 = torch.tensor([k for k, s in enumerate(fresh) for _ in s])
     assert pool.intern_segments(m2, s2, len(fresh)).tolist() == small
     assert len(pool.sets) == 1 + 60 + len({tuple(s) for s in refs} | {tuple(s) for s in fresh})
+
+
+def test_table_agrees_with_a_dict_through_growth_collisions_and_long_probes():
+    # Keys crowd into few slots (k1 from a small range, k2 repeated) and batches span the
+    # tensor probe rounds, the Python tail of the last few keys and the table's growth.
+    from fxsurgery._table import Table
+    rng = random.Random(5)
+    table, ref = Table(16), {}
+    for size in [1, 3, 40, 700, 5, 2500, 60, 4000]:
+        keys = list(dict.fromkeys((rng.randrange(40), rng.choice([7, -1, 1 << 40, rng.getrandbits(62)]))
+                                  for _ in range(size)))
+        keys = [k for k in keys if k not in ref]
+        values = list(range(len(ref), len(ref) + len(keys)))
+        table.put(torch.tensor([a for a, _ in keys], dtype=torch.int64),
+                  torch.tensor([b for _, b in keys], dtype=torch.int64), torch.tensor(values, dtype=torch.int64))
+        ref.update(zip(keys, values))
+        asked = list(ref) + [(rng.randrange(50), rng.getrandbits(62)) for _ in range(300)]
+        rng.shuffle(asked)
+        got = table.get(torch.tensor([a for a, _ in asked]), torch.tensor([b for _, b in asked]))
+        assert got.tolist() == [ref.get(k, -1) for k in asked]
+    assert table.n == len(ref)
