@@ -22,7 +22,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 import torch
 
-from ._sort import one_thread, unique
+from ._sort import one_thread, sort, unique, unique_values
 from ._table import Buffer, Table, gather_segments, set_hash, set_hash_py
 
 __all__ = ["SetPool", "EMPTY", "KINDS"]
@@ -32,6 +32,10 @@ EMPTY = 0  # id of the empty set in every pool
 # call costs more than the arithmetic, and the map of a small model was 4x slower than with
 # Python sets before this path. Both paths read and write one index, so ids stay canonical.
 SMALL = 96
+# A tensor-path batch of at most this many new entries is copied into the small path's dicts
+# at once; larger ones stay in the tensor tables only, and the small path asks those on a miss
+# (the copy, .tolist() and dict.update per entry, cost a third of uniting two 14k-unit axes).
+MIRROR = 512
 KINDS = ("feature", "category", "input", "unit")
 
 
@@ -136,16 +140,16 @@ class SetPool:
         self._offsets = Buffer()
         self._offsets.append(torch.zeros(1, dtype=torch.int64))
         self._offsets.append(torch.zeros(1, dtype=torch.int64))  # set 0: the empty set
-        # (set id << 31) | label id of every stored member: sorted, since sets are stored in id
-        # order with sorted members, so membership of many (set, label) pairs is one search.
-        self._keys = Buffer()
         self._index = Buffer()                   # per label id: its Label.index
         self._sets = Table()                     # (hash1, hash2) -> set id, sets of 2+ labels
         self._unions = Table()                   # (smaller id, larger id) -> id of their union
-        # The same two indexes as dicts, for the small-batch path; each entry is written once
-        # (dict.update over zipped lists: no Python bytecode per entry).
+        # The same two indexes as dicts, for the small-batch path, holding what that path wrote
+        # or read and the tensor path's small batches (MIRROR); the flags say whether a tensor
+        # table holds entries its dict lacks, so that the small path must ask it on a miss.
         self._sets_py: dict[tuple[int, int], int] = {}
         self._unions_py: dict[tuple[int, int], int] = {}
+        self._sets_unmirrored = False
+        self._unions_unmirrored = False
         self.labels = _Labels(self)
         self.sets = _Sets(self)
 
@@ -173,7 +177,6 @@ class SetPool:
         singles = torch.arange(first_set, first_set + n, dtype=torch.int64)
         self._singleton.append(singles)
         self._members.append(ids)
-        self._keys.append((singles << 31) | ids)
         self._offsets.append(torch.arange(1, n + 1, dtype=torch.int64) + self._offsets.data[self.n_sets])
         return start
 
@@ -291,7 +294,7 @@ class SetPool:
         with one_thread():
             if members.numel():
                 n_lab = max(self.n_labels, 1)
-                key = torch.unique(segment * n_lab + members)  # sorted: by segment, then member
+                key = unique_values(segment * n_lab + members)  # sorted: by segment, then member
                 segment, members = key // n_lab, key % n_lab
             sizes = torch.bincount(segment, minlength=n)
             out = torch.zeros(n, dtype=torch.int64)
@@ -313,7 +316,7 @@ class SetPool:
         # Distinct sets of the batch by their first hash (unique over pairs is several times
         # slower); two sets of one batch sharing it and differing in the second is a 2^-64 event
         # that is checked, never assumed away.
-        u1, inverse = torch.unique(h1, return_inverse=True)
+        u1, inverse = unique(h1)
         first = torch.full((u1.numel(),), rows.numel(), dtype=torch.int64)
         first.scatter_reduce_(0, inverse, torch.arange(rows.numel()), reduce="amin")
         u2 = h2[first]
@@ -325,7 +328,7 @@ class SetPool:
         new = torch.nonzero(ids < 0).reshape(-1)
         if new.numel():
             new_rows = rows[first[new]]                      # segments holding the new sets
-            new_rows, order = torch.sort(new_rows)
+            new_rows, order = sort(new_rows)
             new = new[order]
             assigned = torch.arange(self.n_sets, self.n_sets + new.numel(), dtype=torch.int64)
             slot = torch.full((int(segment.max()) + 1 if segment.numel() else 1,), -1, dtype=torch.int64)
@@ -334,10 +337,12 @@ class SetPool:
             take = which >= 0  # members arrive sorted by segment, so by new set id too
             counts = torch.bincount(which[take], minlength=new.numel())
             self._members.append(members[take])
-            self._keys.append((assigned[which[take]] << 31) | members[take])
             self._offsets.append(torch.cumsum(counts, 0) + self._offsets.data[self.n_sets])
             self._sets.put(uniq[new, 0], uniq[new, 1], assigned)
-            self._sets_py.update(zip(zip(uniq[new, 0].tolist(), uniq[new, 1].tolist()), assigned.tolist()))
+            if new.numel() <= MIRROR:
+                self._sets_py.update(zip(zip(uniq[new, 0].tolist(), uniq[new, 1].tolist()), assigned.tolist()))
+            else:
+                self._sets_unmirrored = True
             ids[new] = assigned
         return ids[inverse]
 
@@ -345,14 +350,17 @@ class SetPool:
         """Ids of sets given as sorted lists of distinct label ids; new ones stored as one batch."""
         out, new, new_keys = [], {}, []
         single = self._singleton.data
-        for ms in sets:
+        known = self._sets_py
+        keys = [set_hash_py(ms) if len(ms) > 1 else None for ms in sets]
+        if self._sets_unmirrored:
+            self._read_tensor_index(self._sets, known, keys)
+        for ms, key in zip(sets, keys):
             if not ms:
                 out.append(EMPTY)
             elif len(ms) == 1:
                 out.append(int(single[ms[0]]))
             else:
-                key = set_hash_py(ms)
-                i = self._sets_py.get(key)
+                i = known.get(key)
                 if i is None:
                     i = new.get(key)
                     if i is None:
@@ -364,12 +372,21 @@ class SetPool:
             counts = torch.tensor([len(ms) for _, ms in new_keys], dtype=torch.int64)
             assigned = torch.arange(self.n_sets, self.n_sets + len(new_keys), dtype=torch.int64)
             self._members.append(members)
-            self._keys.append((torch.repeat_interleave(assigned, counts) << 31) | members)
             self._offsets.append(torch.cumsum(counts, 0) + self._offsets.data[self.n_sets])
             k = torch.tensor([key for key, _ in new_keys], dtype=torch.int64)
             self._sets.put(k[:, 0], k[:, 1], assigned)
             self._sets_py.update(new)
         return out
+
+    @staticmethod
+    def _read_tensor_index(table: Table, known: dict, keys) -> None:
+        """Copies into `known` what the tensor `table` holds of the `keys` it lacks (None
+        entries skipped): one lookup for a batch of the small path."""
+        miss = list(dict.fromkeys(k for k in keys if k is not None and k not in known))
+        if miss:
+            k = torch.tensor(miss, dtype=torch.int64)
+            found = table.get(k[:, 0].contiguous(), k[:, 1].contiguous()).tolist()
+            known.update((key, i) for key, i in zip(miss, found) if i >= 0)
 
     def intern(self, members: Iterable[int]) -> int:
         m = torch.tensor(sorted(set(int(x) for x in members)), dtype=torch.int64)
@@ -392,7 +409,7 @@ class SetPool:
             return out
         with one_thread():
             n = max(self.n_sets, 1)
-            uniq, inverse = torch.unique(lo[todo] * n + hi[todo], return_inverse=True)
+            uniq, inverse = unique(lo[todo] * n + hi[todo])
             ulo, uhi = uniq // n, uniq % n
             res = self._unions.get(ulo, uhi)
             miss = torch.nonzero(res < 0).reshape(-1)
@@ -405,7 +422,10 @@ class SetPool:
                     mb, sb = self.members(b[rest])
                     got[rest] = self.intern_segments(torch.cat([ma, mb]), torch.cat([sa, sb]), rest.numel())
                 self._unions.put(a, b, got)
-                self._unions_py.update(zip(zip(a.tolist(), b.tolist()), got.tolist()))
+                if miss.numel() <= MIRROR:
+                    self._unions_py.update(zip(zip(a.tolist(), b.tolist()), got.tolist()))
+                else:
+                    self._unions_unmirrored = True
                 res[miss] = got
             out[todo] = res[inverse]
         return out
@@ -413,6 +433,8 @@ class SetPool:
     def _union_py(self, lo: list[int], hi: list[int]) -> list[int]:
         memo = self._unions_py
         keys = list(zip(lo, hi))
+        if self._unions_unmirrored:
+            self._read_tensor_index(self._unions, memo, keys)
         miss = list(dict.fromkeys(k for k in keys if k not in memo))
         if miss:
             sets = self.sets
@@ -441,22 +463,42 @@ class SetPool:
         members up in the larger), -1 elsewhere: a stream's positions united with the set of
         all of them (a norm's statistic) costs the small sets, not a copy of the large one."""
         sa, sb = self.sizes(a), self.sizes(b)
-        a_small = sa <= sb
+        out = torch.full_like(a, -1)
+        # Sets of one size hold each other only if equal, and distinct ids are distinct sets:
+        # only pairs of two sizes are searched (none, when two axes are united unit by unit).
+        rows = torch.nonzero(sa != sb).reshape(-1)
+        if not rows.numel():
+            return out
+        a, b, sa, sb = a.index_select(0, rows), b.index_select(0, rows), sa.index_select(0, rows), sb.index_select(0, rows)
+        a_small = sa < sb
         small, big = torch.where(a_small, a, b), torch.where(a_small, b, a)
         m, seg = self.members(small)
-        inside = self.contains(big[seg], m)
-        holds = torch.ones(a.numel(), dtype=torch.bool)
+        inside = self.contains(big.index_select(0, seg), m)
+        holds = torch.ones(rows.numel(), dtype=torch.bool)
         holds[seg[~inside]] = False
-        return torch.where(holds, big, torch.full_like(big, -1))
+        out[rows] = torch.where(holds, big, -1)
+        return out
 
     @_one_thread
     def contains(self, set_ids: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
         """Whether set set_ids[i] holds label label_ids[i], for each i."""
-        keys = self._keys.view()
-        q = (set_ids << 31) | label_ids
-        from ._sort import searchsorted
-        pos = searchsorted(keys, q).clamp(max=max(keys.numel() - 1, 0))
-        return keys[pos] == q
+        # A binary search of each set's own sorted run, all queries a step at a time: as many
+        # steps as the longest run asked has bits, where a search of one sorted array of every
+        # member of every set took the log of tens of millions, each step a cache miss.
+        set_ids, label_ids = torch.broadcast_tensors(set_ids, label_ids)
+        shape, set_ids, label_ids = set_ids.shape, set_ids.reshape(-1), label_ids.reshape(-1)
+        if not set_ids.numel():
+            return torch.zeros(shape, dtype=torch.bool)
+        off, members = self._offsets.data, self._members.data
+        lo = off.index_select(0, set_ids)
+        end = off.index_select(0, set_ids + 1)
+        hi, top = end, max(len(self._members) - 1, 0)
+        for _ in range(int((end - lo).max()).bit_length()):
+            mid = (lo + hi) >> 1
+            below = (lo < hi) & (members.index_select(0, mid.clamp(max=top)) < label_ids)
+            lo = torch.where(below, mid + 1, lo)
+            hi = torch.where(below, hi, mid)
+        return ((lo < end) & (members.index_select(0, lo.clamp(max=top)) == label_ids)).reshape(shape)
 
     def union(self, a: int, b: int) -> int:
         if a == b or b == EMPTY:
@@ -491,7 +533,7 @@ class SetPool:
         ids, segment = ids.reshape(-1), segment.reshape(-1)
         n = max(self.n_sets, 1)
         with one_thread():
-            pair = torch.unique(segment * n + ids)
+            pair = unique_values(segment * n + ids)
         seg, sid = pair // n, pair % n
         counts = torch.bincount(seg, minlength=n_segments)
         out = torch.zeros(n_segments, dtype=torch.int64)
@@ -500,7 +542,7 @@ class SetPool:
         if bool(single.all()):  # one set per segment: nothing to unite
             return out
         seg, sid = seg[~single], sid[~single]
-        rows, local = torch.unique(seg, return_inverse=True)
+        rows, local = unique(seg)
         m, which = self.members(sid)
         out[rows] = self.intern_segments(m, local[which], rows.numel())
         return out

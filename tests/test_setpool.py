@@ -131,3 +131,61 @@ def test_table_agrees_with_a_dict_through_growth_collisions_and_long_probes():
         got = table.get(torch.tensor([a for a, _ in asked]), torch.tensor([b for _, b in asked]))
         assert got.tolist() == [ref.get(k, -1) for k in asked]
     assert table.n == len(ref)
+
+
+def test_the_small_path_reads_what_large_tensor_batches_did_not_copy_to_it():
+    # Batches of more than MIRROR new sets or unions stay in the tensor tables only: the small
+    # path must find them there, neither storing a set twice nor giving a union another id.
+    from fxsurgery.setpool import MIRROR, SMALL
+    pool = SetPool()
+    a = pool.singletons(pool.unit_label_ids("gate", 3 * MIRROR))
+    b = pool.singletons(pool.unit_label_ids("up", 3 * MIRROR))
+    pairs = pool.union_pairs(a, b)                                      # tensor path, not copied
+    n = pool.n_sets
+    assert pool._sets_unmirrored and pool._unions_unmirrored
+    recomputed = []
+    intern_py = pool._intern_py
+    pool._intern_py = lambda sets: recomputed.append(sets) or intern_py(sets)
+    for k in range(0, 3 * MIRROR, 97):
+        assert pool.union(int(a[k]), int(b[k])) == int(pairs[k])        # small union path
+    assert not recomputed                                               # read from the memo
+    for k in range(0, 3 * MIRROR, 97):
+        assert pool.intern([int(pool.members_of(int(pairs[k]))[0]), 3 * MIRROR + k]) == int(pairs[k])
+    few = pool.union_pairs(a[:SMALL], b[:SMALL])                        # a small batch at once
+    assert few.tolist() == pairs[:SMALL].tolist() and pool.n_sets == n
+    assert pool.sets[int(pairs[5])] == {5, 3 * MIRROR + 5}
+
+
+def test_membership_searches_runs_of_every_length():
+    rng = random.Random(6)
+    pool = SetPool()
+    pool.label_range("feature", "x", 500, [f"f{i}" for i in range(500)])
+    refs = [frozenset(rng.sample(range(500), rng.choice([0, 1, 2, 3, 7, 64, 65, 300, 500]))) for _ in range(40)]
+    ids = [pool.intern(s) for s in refs]
+    q = [(rng.randrange(len(ids)), rng.randrange(500)) for _ in range(3000)]
+    q += [(k, m) for k, s in enumerate(refs) for m in (min(s, default=0), max(s, default=0))]
+    got = pool.contains(torch.tensor([ids[k] for k, _ in q]), torch.tensor([m for _, m in q]))
+    assert got.tolist() == [m in refs[k] for k, m in q]
+    grid = pool.contains(torch.tensor(ids[:4]).reshape(4, 1), torch.arange(3).reshape(1, 3))  # broadcasts
+    assert grid.tolist() == [[m in refs[k] for m in range(3)] for k in range(4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_distinct_values_equal_torch_unique(dtype):
+    # numpy's sort, or one pass when the values arrive sorted: the same values and inverse
+    from fxsurgery._sort import sort, unique, unique_values
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.zeros(0, dtype=dtype), torch.tensor([3], dtype=dtype)]
+    for n in (2, 50, 3000):
+        cases += [torch.randint(-9, 9, (n,), generator=g).to(dtype), torch.randint(-9, 9, (3, n), generator=g).to(dtype),
+                  torch.sort(torch.randint(0, 20, (n,), generator=g)).values.to(dtype),
+                  torch.randint(-2 ** 30, 2 ** 30, (n,), generator=g).to(dtype)]
+    for x in cases:
+        u, inv = unique(x)
+        want_u, want_inv = torch.unique(x, return_inverse=True)
+        assert torch.equal(u, want_u) and torch.equal(inv, want_inv) and u.dtype == dtype
+        assert torch.equal(unique_values(x), want_u)
+    distinct = torch.randperm(500, generator=g).to(dtype)
+    values, order = sort(distinct)
+    assert torch.equal(values, torch.arange(500, dtype=dtype)) and torch.equal(distinct[order], values)
+    assert torch.equal(sort(values)[1], torch.arange(500))
