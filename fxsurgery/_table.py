@@ -72,13 +72,16 @@ def set_hash_py(members) -> tuple[int, int]:
 def gather_segments(flat: torch.Tensor, offsets: torch.Tensor, which: torch.Tensor):
     """The segments `which` of a CSR array (flat values, offsets with one more entry than
     segments): (their values concatenated, the position in `which` of each value)."""
-    starts = offsets[which]
-    lengths = offsets[which + 1] - starts
+    starts = offsets.index_select(0, which)
+    lengths = offsets.index_select(0, which + 1) - starts
     total = int(lengths.sum())
-    seg = torch.repeat_interleave(torch.arange(len(which)), lengths, output_size=total)
-    first = torch.cumsum(lengths, 0) - lengths
-    pos = starts[seg] + (torch.arange(total) - first[seg])
-    return flat[pos], seg
+    if total == which.numel() and bool((lengths == 1).all()):  # singletons: one value each
+        return flat.index_select(0, starts), torch.arange(total)
+    seg = torch.repeat_interleave(lengths, output_size=total)
+    # position = start of its segment + rank within it = arange + (start - first output slot)
+    shift = starts - (torch.cumsum(lengths, 0) - lengths)
+    pos = torch.arange(total) + torch.repeat_interleave(shift, lengths, output_size=total)
+    return flat.index_select(0, pos), seg
 
 
 class Buffer:

@@ -279,8 +279,8 @@ class SetPool:
         return gather_segments(self._members.view(), self._offsets.view(), set_ids.reshape(-1))
 
     def sizes(self, set_ids: torch.Tensor) -> torch.Tensor:
-        off = self._offsets.view()
-        return off[set_ids + 1] - off[set_ids]
+        off, flat = self._offsets.data, set_ids.reshape(-1)
+        return (off.index_select(0, flat + 1) - off.index_select(0, flat)).reshape(set_ids.shape)
 
     @_one_thread
     def intern_segments(self, members: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
@@ -291,24 +291,28 @@ class SetPool:
             for sgm, m in zip(segment.tolist(), members.tolist()):
                 groups[sgm].add(m)
             return torch.tensor(self._intern_py([sorted(g) for g in groups]), dtype=torch.int64)
+        # index_select/index_copy_/masked_select here and below: advanced indexing (t[idx],
+        # t[mask] = v) was measured 3-8x slower on the same tensors.
         with one_thread():
             if members.numel():
                 n_lab = max(self.n_labels, 1)
                 key = unique_values(segment * n_lab + members)  # sorted: by segment, then member
-                segment, members = key // n_lab, key % n_lab
+                segment = key // n_lab
+                members = key - segment * n_lab
             sizes = torch.bincount(segment, minlength=n)
             out = torch.zeros(n, dtype=torch.int64)
-            one = sizes == 1
-            if bool(one.any()):
-                first = torch.cumsum(sizes, 0) - sizes
-                out[one] = self.singletons(members[first[one]])
-            many = sizes > 1
-            if bool(many.any()):
-                keep = many[segment]
-                members, segment = members[keep], segment[keep]
+            one = torch.nonzero(sizes == 1).reshape(-1)
+            if one.numel():
+                first = (torch.cumsum(sizes, 0) - sizes).index_select(0, one)
+                out.index_copy_(0, one, self._singleton.data.index_select(0, members.index_select(0, first)))
+            rows = torch.nonzero(sizes > 1).reshape(-1)
+            if rows.numel():
+                if one.numel():
+                    keep = (sizes > 1).index_select(0, segment)
+                    members, segment = members.masked_select(keep), segment.masked_select(keep)
                 h1, h2 = set_hash(members, segment, n)
-                rows = torch.nonzero(many).reshape(-1)
-                out[rows] = self._intern_hashed(h1[rows], h2[rows], members, segment, rows)
+                out.index_copy_(0, rows, self._intern_hashed(h1.index_select(0, rows), h2.index_select(0, rows),
+                                                             members, segment, rows))
             return out
 
     def _intern_hashed(self, h1, h2, members, segment, rows):
@@ -317,34 +321,42 @@ class SetPool:
         # slower); two sets of one batch sharing it and differing in the second is a 2^-64 event
         # that is checked, never assumed away.
         u1, inverse = unique(h1)
-        first = torch.full((u1.numel(),), rows.numel(), dtype=torch.int64)
-        first.scatter_reduce_(0, inverse, torch.arange(rows.numel()), reduce="amin")
-        u2 = h2[first]
-        if not bool((u2[inverse] == h2).all()):
+        first = torch.empty(u1.numel(), dtype=torch.int64)  # the first row of each distinct set
+        if u1.numel() == rows.numel():  # all distinct: `inverse` is a permutation
+            first.index_copy_(0, inverse, torch.arange(rows.numel()))
+        else:
+            first.fill_(rows.numel()).scatter_reduce_(0, inverse, torch.arange(rows.numel()), reduce="amin")
+        u2 = h2.index_select(0, first)
+        if not bool((u2.index_select(0, inverse) == h2).all()):
             raise RuntimeError("label-set hash collision (two distinct sets share a 64-bit hash); "
                                "please report this model")
-        uniq = torch.stack([u1, u2], 1)
         ids = self._sets.get(u1, u2)
         new = torch.nonzero(ids < 0).reshape(-1)
         if new.numel():
-            new_rows = rows[first[new]]                      # segments holding the new sets
+            new_rows = rows.index_select(0, first.index_select(0, new))  # segments holding new sets
             new_rows, order = sort(new_rows)
-            new = new[order]
+            new = new.index_select(0, order)
             assigned = torch.arange(self.n_sets, self.n_sets + new.numel(), dtype=torch.int64)
-            slot = torch.full((int(segment.max()) + 1 if segment.numel() else 1,), -1, dtype=torch.int64)
-            slot[new_rows] = torch.arange(new.numel())
-            which = slot[segment]
-            take = which >= 0  # members arrive sorted by segment, so by new set id too
-            counts = torch.bincount(which[take], minlength=new.numel())
-            self._members.append(members[take])
+            if new.numel() == rows.numel():
+                # every set of the batch is new and distinct: all members are kept, in order
+                counts = torch.bincount(segment, minlength=int(rows[-1]) + 1).index_select(0, rows)
+            else:
+                slot = torch.full((int(rows[-1]) + 1,), -1, dtype=torch.int64)  # rows: sorted
+                slot.index_copy_(0, new_rows, torch.arange(new.numel()))
+                which = slot.index_select(0, segment)
+                take = which >= 0  # members arrive sorted by segment, so by new set id too
+                counts = torch.bincount(which.masked_select(take), minlength=new.numel())
+                members = members.masked_select(take)
+            self._members.append(members)
             self._offsets.append(torch.cumsum(counts, 0) + self._offsets.data[self.n_sets])
-            self._sets.put(uniq[new, 0], uniq[new, 1], assigned)
+            n1, n2 = u1.index_select(0, new), u2.index_select(0, new)
+            self._sets.put(n1, n2, assigned)
             if new.numel() <= MIRROR:
-                self._sets_py.update(zip(zip(uniq[new, 0].tolist(), uniq[new, 1].tolist()), assigned.tolist()))
+                self._sets_py.update(zip(zip(n1.tolist(), n2.tolist()), assigned.tolist()))
             else:
                 self._sets_unmirrored = True
-            ids[new] = assigned
-        return ids[inverse]
+            ids.index_copy_(0, new, assigned)
+        return ids.index_select(0, inverse)
 
     def _intern_py(self, sets: list[list[int]]) -> list[int]:
         """Ids of sets given as sorted lists of distinct label ids; new ones stored as one batch."""
@@ -404,31 +416,47 @@ class SetPool:
         todo = (lo != hi) & (lo != EMPTY)
         if not bool(todo.any()):
             return out
-        if int(todo.sum()) <= SMALL:
+        count = int(todo.sum())
+        if count <= SMALL:
             out[todo] = torch.tensor(self._union_py(lo[todo].tolist(), hi[todo].tolist()), dtype=torch.int64)
             return out
         with one_thread():
+            where = None if count == todo.numel() else torch.nonzero(todo).reshape(-1)
+            if where is not None:
+                lo, hi = lo.index_select(0, where), hi.index_select(0, where)
             n = max(self.n_sets, 1)
-            uniq, inverse = unique(lo[todo] * n + hi[todo])
-            ulo, uhi = uniq // n, uniq % n
+            uniq, inverse = unique(lo * n + hi)
+            ulo = uniq // n
+            uhi = uniq - ulo * n
             res = self._unions.get(ulo, uhi)
             miss = torch.nonzero(res < 0).reshape(-1)
             if miss.numel():
-                a, b = ulo[miss], uhi[miss]
-                got = self._subset_union(a, b)
-                rest = torch.nonzero(got < 0).reshape(-1)
-                if rest.numel():
-                    ma, sa = self.members(a[rest])
-                    mb, sb = self.members(b[rest])
-                    got[rest] = self.intern_segments(torch.cat([ma, mb]), torch.cat([sa, sb]), rest.numel())
-                self._unions.put(a, b, got)
+                a, b = ulo.index_select(0, miss), uhi.index_select(0, miss)
+                got = self._unite(a, b)
                 if miss.numel() <= MIRROR:
                     self._unions_py.update(zip(zip(a.tolist(), b.tolist()), got.tolist()))
                 else:
                     self._unions_unmirrored = True
-                res[miss] = got
-            out[todo] = res[inverse]
+                res.index_copy_(0, miss, got)
+            res = res.index_select(0, inverse)
+            if where is None:
+                return res
+            out.index_copy_(0, where, res)
         return out
+
+    def _unite(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Ids of a[i] | b[i] for distinct pairs not in the union memo (a < b, neither empty),
+        memoised."""
+        got = self._subset_union(a, b)
+        rest = torch.nonzero(got < 0).reshape(-1)
+        if rest.numel():
+            # Each pair's two sets side by side: when one's labels all precede the other's (two
+            # axes united unit by unit) the members arrive sorted and need no sort (_sort.unique).
+            pair = torch.stack([a.index_select(0, rest), b.index_select(0, rest)], 1).reshape(-1)
+            m, seg = self.members(pair)
+            got.index_copy_(0, rest, self.intern_segments(m, seg >> 1, rest.numel()))
+        self._unions.put(a, b, got)
+        return got
 
     def _union_py(self, lo: list[int], hi: list[int]) -> list[int]:
         memo = self._unions_py
@@ -437,8 +465,9 @@ class SetPool:
             self._read_tensor_index(self._unions, memo, keys)
         miss = list(dict.fromkeys(k for k in keys if k not in memo))
         if miss:
-            sets = self.sets
-            if sum(len(sets[a]) + len(sets[b]) for a, b in miss) > 64 * SMALL:
+            sets, off = self.sets, self._offsets.numpy()
+            # sizes from the offsets: a frozenset of a large set is what this test avoids
+            if sum(int(off[a + 1] - off[a] + off[b + 1] - off[b]) for a, b in miss) > 64 * SMALL:
                 got = self.union_pairs_tensor([a for a, _ in miss], [b for _, b in miss])
             else:
                 got = self._intern_py([sorted(sets[a] | sets[b]) for a, b in miss])
@@ -449,14 +478,7 @@ class SetPool:
         """The tensor path of `union_pairs` for pairs of large sets (lo < hi, neither empty)."""
         a, b = torch.tensor(lo, dtype=torch.int64), torch.tensor(hi, dtype=torch.int64)
         with one_thread():
-            got = self._subset_union(a, b)
-            rest = torch.nonzero(got < 0).reshape(-1)
-            if rest.numel():
-                ma, sa = self.members(a[rest])
-                mb, sb = self.members(b[rest])
-                got[rest] = self.intern_segments(torch.cat([ma, mb]), torch.cat([sa, sb]), rest.numel())
-            self._unions.put(a, b, got)
-        return got.tolist()
+            return self._unite(a, b).tolist()
 
     def _subset_union(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a[i] | b[i] where one of them holds the other (found by looking the smaller one's
@@ -532,19 +554,21 @@ class SetPool:
         """For each segment s in range(n_segments), the union of ids[segment == s]."""
         ids, segment = ids.reshape(-1), segment.reshape(-1)
         n = max(self.n_sets, 1)
-        with one_thread():
-            pair = unique_values(segment * n + ids)
-        seg, sid = pair // n, pair % n
+        pair = unique_values(segment * n + ids)
+        seg = pair // n
+        sid = pair - seg * n
         counts = torch.bincount(seg, minlength=n_segments)
         out = torch.zeros(n_segments, dtype=torch.int64)
-        single = counts[seg] == 1
-        out[seg[single]] = sid[single]
+        single = counts.index_select(0, seg) == 1
         if bool(single.all()):  # one set per segment: nothing to unite
-            return out
-        seg, sid = seg[~single], sid[~single]
+            return out.index_copy_(0, seg, sid)
+        if bool(single.any()):
+            out.index_copy_(0, seg.masked_select(single), sid.masked_select(single))
+            many = ~single
+            seg, sid = seg.masked_select(many), sid.masked_select(many)
         rows, local = unique(seg)
         m, which = self.members(sid)
-        out[rows] = self.intern_segments(m, local[which], rows.numel())
+        out.index_copy_(0, rows, self.intern_segments(m, local.index_select(0, which), rows.numel()))
         return out
 
     @_one_thread
