@@ -494,12 +494,22 @@ class SetPool:
         a, b, sa, sb = a.index_select(0, rows), b.index_select(0, rows), sa.index_select(0, rows), sb.index_select(0, rows)
         a_small = sa < sb
         small, big = torch.where(a_small, a, b), torch.where(a_small, b, a)
+        # A set holds another only if its first and last members bound the other's: pairs
+        # failing that (sets over different labels) are dropped before the member search.
+        off, flat = self._offsets.data, self._members.data
+        s0, b0 = off.index_select(0, small), off.index_select(0, big)
+        s1, b1 = off.index_select(0, small + 1) - 1, off.index_select(0, big + 1) - 1
+        bounded = torch.nonzero((flat.index_select(0, s0) >= flat.index_select(0, b0))
+                                & (flat.index_select(0, s1) <= flat.index_select(0, b1))).reshape(-1)
+        if not bounded.numel():
+            return out
+        if bounded.numel() < rows.numel():
+            rows, small, big = rows.index_select(0, bounded), small.index_select(0, bounded), big.index_select(0, bounded)
         m, seg = self.members(small)
         inside = self.contains(big.index_select(0, seg), m)
         holds = torch.ones(rows.numel(), dtype=torch.bool)
-        holds[seg[~inside]] = False
-        out[rows] = torch.where(holds, big, -1)
-        return out
+        holds.index_fill_(0, seg.masked_select(~inside), False)
+        return out.index_copy_(0, rows, torch.where(holds, big, -1))
 
     @_one_thread
     def contains(self, set_ids: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
@@ -512,6 +522,14 @@ class SetPool:
         if not set_ids.numel():
             return torch.zeros(shape, dtype=torch.bool)
         off, members = self._offsets.data, self._members.data
+        first = int(set_ids[0])
+        if bool((set_ids == first).all()):
+            # one set asked (a stream's positions inside the set of all of them): one search
+            run = members[int(off[first]): int(off[first + 1])]
+            if not run.numel():
+                return torch.zeros(shape, dtype=torch.bool)
+            pos = torch.searchsorted(run, label_ids).clamp_(max=run.numel() - 1)
+            return (run.index_select(0, pos) == label_ids).reshape(shape)
         lo = off.index_select(0, set_ids)
         end = off.index_select(0, set_ids + 1)
         hi, top = end, max(len(self._members) - 1, 0)

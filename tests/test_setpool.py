@@ -166,6 +166,8 @@ def test_membership_searches_runs_of_every_length():
     q += [(k, m) for k, s in enumerate(refs) for m in (min(s, default=0), max(s, default=0))]
     got = pool.contains(torch.tensor([ids[k] for k, _ in q]), torch.tensor([m for _, m in q]))
     assert got.tolist() == [m in refs[k] for k, m in q]
+    for k in range(len(ids)):  # one set asked for every label (one search of its run)
+        assert pool.contains(torch.full((500,), ids[k]), torch.arange(500)).tolist() == [m in refs[k] for m in range(500)]
     grid = pool.contains(torch.tensor(ids[:4]).reshape(4, 1), torch.arange(3).reshape(1, 3))  # broadcasts
     assert grid.tolist() == [[m in refs[k] for m in range(3)] for k in range(4)]
 
@@ -189,3 +191,18 @@ def test_distinct_values_equal_torch_unique(dtype):
     values, order = sort(distinct)
     assert torch.equal(values, torch.arange(500, dtype=dtype)) and torch.equal(distinct[order], values)
     assert torch.equal(sort(values)[1], torch.arange(500))
+
+
+def test_the_subset_shortcut_finds_every_subset_and_only_those():
+    # A union where one set holds the other is that set, found without interning: pairs that
+    # share first or last members, equal sizes, disjoint ranges and interleaved sets.
+    pool = SetPool()
+    pool.label_range("feature", "x", 40, [f"f{i}" for i in range(40)])
+    big = pool.intern(range(5, 30))
+    cases = {pool.intern([5, 29]): big, pool.intern([5, 6, 7]): big, pool.intern([28, 29]): big,
+             pool.intern([17]): big, pool.intern([4, 10]): -1, pool.intern([10, 30]): -1,
+             pool.intern([31, 32]): -1, pool.intern(range(6, 31)): -1, pool.intern([1, 3, 5]): -1}
+    a = torch.tensor(sorted(cases))
+    got = pool._subset_union(a, torch.full_like(a, big))
+    assert got.tolist() == [cases[i] for i in a.tolist()]
+    assert pool._subset_union(torch.full_like(a, big), a).tolist() == got.tolist()  # either side
