@@ -150,6 +150,11 @@ class SetPool:
         self._unions_py: dict[tuple[int, int], int] = {}
         self._sets_unmirrored = False
         self._unions_unmirrored = False
+        # The largest label id in a set of the hash table and the largest second id of a pair
+        # in the tensor union memo: a set holding a newer label, a pair with a newer set, is
+        # not there, and a batch of only such (a fresh axis united unit by unit) skips the lookup.
+        self._sets_top_label = -1
+        self._unions_top = -1
         self.labels = _Labels(self)
         self.sets = _Sets(self)
 
@@ -330,7 +335,8 @@ class SetPool:
         if not bool((u2.index_select(0, inverse) == h2).all()):
             raise RuntimeError("label-set hash collision (two distinct sets share a 64-bit hash); "
                                "please report this model")
-        ids = self._sets.get(u1, u2)
+        ids = self._lookup(self._sets, u1, u2, self._top_labels(members, segment, rows).index_select(0, first),
+                           self._sets_top_label)
         new = torch.nonzero(ids < 0).reshape(-1)
         if new.numel():
             new_rows = rows.index_select(0, first.index_select(0, new))  # segments holding new sets
@@ -351,6 +357,7 @@ class SetPool:
             self._offsets.append(torch.cumsum(counts, 0) + self._offsets.data[self.n_sets])
             n1, n2 = u1.index_select(0, new), u2.index_select(0, new)
             self._sets.put(n1, n2, assigned)
+            self._sets_top_label = max(self._sets_top_label, int(members.max()))
             if new.numel() <= MIRROR:
                 self._sets_py.update(zip(zip(n1.tolist(), n2.tolist()), assigned.tolist()))
             else:
@@ -387,6 +394,7 @@ class SetPool:
             self._offsets.append(torch.cumsum(counts, 0) + self._offsets.data[self.n_sets])
             k = torch.tensor([key for key, _ in new_keys], dtype=torch.int64)
             self._sets.put(k[:, 0], k[:, 1], assigned)
+            self._sets_top_label = max(self._sets_top_label, int(members.max()))
             self._sets_py.update(new)
         return out
 
@@ -428,7 +436,7 @@ class SetPool:
             uniq, inverse = unique(lo * n + hi)
             ulo = uniq // n
             uhi = uniq - ulo * n
-            res = self._unions.get(ulo, uhi)
+            res = self._lookup(self._unions, ulo, uhi, uhi, self._unions_top)
             miss = torch.nonzero(res < 0).reshape(-1)
             if miss.numel():
                 a, b = ulo.index_select(0, miss), uhi.index_select(0, miss)
@@ -456,7 +464,28 @@ class SetPool:
             m, seg = self.members(pair)
             got.index_copy_(0, rest, self.intern_segments(m, seg >> 1, rest.numel()))
         self._unions.put(a, b, got)
+        self._unions_top = max(self._unions_top, int(b.max()))
         return got
+
+    @staticmethod
+    def _lookup(table: Table, k1: torch.Tensor, k2: torch.Tensor, top: torch.Tensor, table_top: int) -> torch.Tensor:
+        """table.get(k1, k2), asking only for keys whose `top` is at most `table_top` (the
+        others cannot be there)."""
+        maybe = top <= table_top
+        count = int(maybe.sum())
+        if count == k1.numel():
+            return table.get(k1, k2)
+        out = torch.full((k1.numel(),), -1, dtype=torch.int64)
+        if count:
+            where = torch.nonzero(maybe).reshape(-1)
+            out.index_copy_(0, where, table.get(k1.index_select(0, where), k2.index_select(0, where)))
+        return out
+
+    @staticmethod
+    def _top_labels(members: torch.Tensor, segment: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The largest member of each set `rows` (members sorted by segment, then label)."""
+        last = torch.cumsum(torch.bincount(segment, minlength=int(rows[-1]) + 1), 0) - 1
+        return members.index_select(0, last.index_select(0, rows))
 
     def _union_py(self, lo: list[int], hi: list[int]) -> list[int]:
         memo = self._unions_py

@@ -206,3 +206,37 @@ def test_the_subset_shortcut_finds_every_subset_and_only_those():
     got = pool._subset_union(a, torch.full_like(a, big))
     assert got.tolist() == [cases[i] for i in a.tolist()]
     assert pool._subset_union(torch.full_like(a, big), a).tolist() == got.tolist()  # either side
+
+
+def test_sets_and_unions_with_new_labels_are_found_again_whichever_path_stored_them():
+    # A lookup is skipped for sets holding a label newer than any stored set's, and for pairs
+    # with a set newer than any memoised pair's: what each path stores must move those bounds.
+    from fxsurgery.setpool import SMALL
+    rng = random.Random(7)
+    pool = SetPool()
+    pool.label_range("feature", "x", 500, [f"f{i}" for i in range(500)])
+
+    def batch(lo, hi, n):
+        refs = [sorted(rng.sample(range(lo, hi), rng.randint(2, 5))) for _ in range(n)]
+        return refs, torch.tensor([m for r in refs for m in r]), torch.tensor([k for k, r in enumerate(refs) for _ in r])
+
+    for lo, hi in [(0, 100), (100, 200)]:                   # tensor path, twice, newer labels
+        refs, m, seg = batch(lo, hi, 3 * SMALL)
+        ids = pool.intern_segments(m, seg, len(refs)).tolist()
+        n = pool.n_sets
+        assert pool.intern_segments(m.flip(0), seg.flip(0), len(refs)).tolist() == ids and pool.n_sets == n
+    refs, m, seg = batch(300, 400, 3 * SMALL)
+    small = [pool.intern(r) for r in refs]                 # Python path, newer labels still
+    n = pool.n_sets
+    assert pool.intern_segments(m, seg, len(refs)).tolist() == small and pool.n_sets == n
+    fresh, _, _ = batch(400, 500, len(refs))               # stored sets each next to a newer one
+    mixed = [r for pair in zip(refs, fresh) for r in pair]
+    got = pool.intern_segments(torch.tensor([x for r in mixed for x in r]),
+                               torch.tensor([k for k, r in enumerate(mixed) for _ in r]), len(mixed)).tolist()
+    assert got[::2] == small and pool.n_sets == n + len({tuple(r) for r in fresh})
+    a, b = torch.tensor(small[:2 * SMALL]), torch.tensor(small[SMALL:])
+    first = pool.union_pairs(a, b)
+    interned = []
+    intern = pool.intern_segments
+    pool.intern_segments = lambda *args: interned.append(args) or intern(*args)
+    assert pool.union_pairs(b, a).tolist() == first.tolist() and not interned  # from the memo
