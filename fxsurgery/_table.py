@@ -15,7 +15,6 @@ __all__ = ["Buffer", "Table", "set_hash", "set_hash_py", "gather_segments"]
 _M1 = -4658895280553007687     # 0xBF58476D1CE4E5B9 as a signed int64 (splitmix64's multipliers)
 _M2 = -7723592293110705685     # 0x94D049BB133111EB
 _SEEDS = (-7046029254386353131, 0x5851F42D4C957F2D)  # 0x9E3779B97F4A7C15, a second odd constant
-_LOW31 = (1 << 31) - 1
 _TAIL = 24  # keys left probing that a table finishes in Python
 
 
