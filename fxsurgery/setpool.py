@@ -22,7 +22,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 import torch
 
-from ._sort import one_thread, unique
+from ._sort import one_thread, sort, unique, unique_values
 from ._table import Buffer, Table, gather_segments, set_hash, set_hash_py
 
 __all__ = ["SetPool", "EMPTY", "KINDS"]
@@ -32,6 +32,10 @@ EMPTY = 0  # id of the empty set in every pool
 # call costs more than the arithmetic, and the map of a small model was 4x slower than with
 # Python sets before this path. Both paths read and write one index, so ids stay canonical.
 SMALL = 96
+# A tensor-path batch of at most this many new entries is copied into the small path's dicts
+# at once; larger ones stay in the tensor tables only, and the small path asks those on a miss
+# (the copy, .tolist() and dict.update per entry, cost a third of uniting two 14k-unit axes).
+MIRROR = 512
 KINDS = ("feature", "category", "input", "unit")
 
 
@@ -136,16 +140,21 @@ class SetPool:
         self._offsets = Buffer()
         self._offsets.append(torch.zeros(1, dtype=torch.int64))
         self._offsets.append(torch.zeros(1, dtype=torch.int64))  # set 0: the empty set
-        # (set id << 31) | label id of every stored member: sorted, since sets are stored in id
-        # order with sorted members, so membership of many (set, label) pairs is one search.
-        self._keys = Buffer()
         self._index = Buffer()                   # per label id: its Label.index
         self._sets = Table()                     # (hash1, hash2) -> set id, sets of 2+ labels
         self._unions = Table()                   # (smaller id, larger id) -> id of their union
-        # The same two indexes as dicts, for the small-batch path; each entry is written once
-        # (dict.update over zipped lists: no Python bytecode per entry).
+        # The same two indexes as dicts, for the small-batch path, holding what that path wrote
+        # or read and the tensor path's small batches (MIRROR); the flags say whether a tensor
+        # table holds entries its dict lacks, so that the small path must ask it on a miss.
         self._sets_py: dict[tuple[int, int], int] = {}
         self._unions_py: dict[tuple[int, int], int] = {}
+        self._sets_unmirrored = False
+        self._unions_unmirrored = False
+        # The largest label id in a set of the hash table and the largest second id of a pair
+        # in the tensor union memo: a set holding a newer label, a pair with a newer set, is
+        # not there, and a batch of only such (a fresh axis united unit by unit) skips the lookup.
+        self._sets_top_label = -1
+        self._unions_top = -1
         self.labels = _Labels(self)
         self.sets = _Sets(self)
 
@@ -173,7 +182,6 @@ class SetPool:
         singles = torch.arange(first_set, first_set + n, dtype=torch.int64)
         self._singleton.append(singles)
         self._members.append(ids)
-        self._keys.append((singles << 31) | ids)
         self._offsets.append(torch.arange(1, n + 1, dtype=torch.int64) + self._offsets.data[self.n_sets])
         return start
 
@@ -276,8 +284,8 @@ class SetPool:
         return gather_segments(self._members.view(), self._offsets.view(), set_ids.reshape(-1))
 
     def sizes(self, set_ids: torch.Tensor) -> torch.Tensor:
-        off = self._offsets.view()
-        return off[set_ids + 1] - off[set_ids]
+        off, flat = self._offsets.data, set_ids.reshape(-1)
+        return (off.index_select(0, flat + 1) - off.index_select(0, flat)).reshape(set_ids.shape)
 
     @_one_thread
     def intern_segments(self, members: torch.Tensor, segment: torch.Tensor, n: int) -> torch.Tensor:
@@ -288,24 +296,28 @@ class SetPool:
             for sgm, m in zip(segment.tolist(), members.tolist()):
                 groups[sgm].add(m)
             return torch.tensor(self._intern_py([sorted(g) for g in groups]), dtype=torch.int64)
+        # index_select/index_copy_/masked_select here and below: advanced indexing (t[idx],
+        # t[mask] = v) was measured 3-8x slower on the same tensors.
         with one_thread():
             if members.numel():
                 n_lab = max(self.n_labels, 1)
-                key = torch.unique(segment * n_lab + members)  # sorted: by segment, then member
-                segment, members = key // n_lab, key % n_lab
+                key = unique_values(segment * n_lab + members)  # sorted: by segment, then member
+                segment = key // n_lab
+                members = key - segment * n_lab
             sizes = torch.bincount(segment, minlength=n)
             out = torch.zeros(n, dtype=torch.int64)
-            one = sizes == 1
-            if bool(one.any()):
-                first = torch.cumsum(sizes, 0) - sizes
-                out[one] = self.singletons(members[first[one]])
-            many = sizes > 1
-            if bool(many.any()):
-                keep = many[segment]
-                members, segment = members[keep], segment[keep]
+            one = torch.nonzero(sizes == 1).reshape(-1)
+            if one.numel():
+                first = (torch.cumsum(sizes, 0) - sizes).index_select(0, one)
+                out.index_copy_(0, one, self._singleton.data.index_select(0, members.index_select(0, first)))
+            rows = torch.nonzero(sizes > 1).reshape(-1)
+            if rows.numel():
+                if one.numel():
+                    keep = (sizes > 1).index_select(0, segment)
+                    members, segment = members.masked_select(keep), segment.masked_select(keep)
                 h1, h2 = set_hash(members, segment, n)
-                rows = torch.nonzero(many).reshape(-1)
-                out[rows] = self._intern_hashed(h1[rows], h2[rows], members, segment, rows)
+                out.index_copy_(0, rows, self._intern_hashed(h1.index_select(0, rows), h2.index_select(0, rows),
+                                                             members, segment, rows))
             return out
 
     def _intern_hashed(self, h1, h2, members, segment, rows):
@@ -313,46 +325,61 @@ class SetPool:
         # Distinct sets of the batch by their first hash (unique over pairs is several times
         # slower); two sets of one batch sharing it and differing in the second is a 2^-64 event
         # that is checked, never assumed away.
-        u1, inverse = torch.unique(h1, return_inverse=True)
-        first = torch.full((u1.numel(),), rows.numel(), dtype=torch.int64)
-        first.scatter_reduce_(0, inverse, torch.arange(rows.numel()), reduce="amin")
-        u2 = h2[first]
-        if not bool((u2[inverse] == h2).all()):
+        u1, inverse = unique(h1)
+        first = torch.empty(u1.numel(), dtype=torch.int64)  # the first row of each distinct set
+        if u1.numel() == rows.numel():  # all distinct: `inverse` is a permutation
+            first.index_copy_(0, inverse, torch.arange(rows.numel()))
+        else:
+            first.fill_(rows.numel()).scatter_reduce_(0, inverse, torch.arange(rows.numel()), reduce="amin")
+        u2 = h2.index_select(0, first)
+        if not bool((u2.index_select(0, inverse) == h2).all()):
             raise RuntimeError("label-set hash collision (two distinct sets share a 64-bit hash); "
                                "please report this model")
-        uniq = torch.stack([u1, u2], 1)
-        ids = self._sets.get(u1, u2)
+        ids = self._lookup(self._sets, u1, u2, self._top_labels(members, segment, rows).index_select(0, first),
+                           self._sets_top_label)
         new = torch.nonzero(ids < 0).reshape(-1)
         if new.numel():
-            new_rows = rows[first[new]]                      # segments holding the new sets
-            new_rows, order = torch.sort(new_rows)
-            new = new[order]
+            new_rows = rows.index_select(0, first.index_select(0, new))  # segments holding new sets
+            new_rows, order = sort(new_rows)
+            new = new.index_select(0, order)
             assigned = torch.arange(self.n_sets, self.n_sets + new.numel(), dtype=torch.int64)
-            slot = torch.full((int(segment.max()) + 1 if segment.numel() else 1,), -1, dtype=torch.int64)
-            slot[new_rows] = torch.arange(new.numel())
-            which = slot[segment]
-            take = which >= 0  # members arrive sorted by segment, so by new set id too
-            counts = torch.bincount(which[take], minlength=new.numel())
-            self._members.append(members[take])
-            self._keys.append((assigned[which[take]] << 31) | members[take])
+            if new.numel() == rows.numel():
+                # every set of the batch is new and distinct: all members are kept, in order
+                counts = torch.bincount(segment, minlength=int(rows[-1]) + 1).index_select(0, rows)
+            else:
+                slot = torch.full((int(rows[-1]) + 1,), -1, dtype=torch.int64)  # rows: sorted
+                slot.index_copy_(0, new_rows, torch.arange(new.numel()))
+                which = slot.index_select(0, segment)
+                take = which >= 0  # members arrive sorted by segment, so by new set id too
+                counts = torch.bincount(which.masked_select(take), minlength=new.numel())
+                members = members.masked_select(take)
+            self._members.append(members)
             self._offsets.append(torch.cumsum(counts, 0) + self._offsets.data[self.n_sets])
-            self._sets.put(uniq[new, 0], uniq[new, 1], assigned)
-            self._sets_py.update(zip(zip(uniq[new, 0].tolist(), uniq[new, 1].tolist()), assigned.tolist()))
-            ids[new] = assigned
-        return ids[inverse]
+            n1, n2 = u1.index_select(0, new), u2.index_select(0, new)
+            self._sets.put(n1, n2, assigned)
+            self._sets_top_label = max(self._sets_top_label, int(members.max()))
+            if new.numel() <= MIRROR:
+                self._sets_py.update(zip(zip(n1.tolist(), n2.tolist()), assigned.tolist()))
+            else:
+                self._sets_unmirrored = True
+            ids.index_copy_(0, new, assigned)
+        return ids.index_select(0, inverse)
 
     def _intern_py(self, sets: list[list[int]]) -> list[int]:
         """Ids of sets given as sorted lists of distinct label ids; new ones stored as one batch."""
         out, new, new_keys = [], {}, []
         single = self._singleton.data
-        for ms in sets:
+        known = self._sets_py
+        keys = [set_hash_py(ms) if len(ms) > 1 else None for ms in sets]
+        if self._sets_unmirrored:
+            self._read_tensor_index(self._sets, known, keys)
+        for ms, key in zip(sets, keys):
             if not ms:
                 out.append(EMPTY)
             elif len(ms) == 1:
                 out.append(int(single[ms[0]]))
             else:
-                key = set_hash_py(ms)
-                i = self._sets_py.get(key)
+                i = known.get(key)
                 if i is None:
                     i = new.get(key)
                     if i is None:
@@ -364,12 +391,22 @@ class SetPool:
             counts = torch.tensor([len(ms) for _, ms in new_keys], dtype=torch.int64)
             assigned = torch.arange(self.n_sets, self.n_sets + len(new_keys), dtype=torch.int64)
             self._members.append(members)
-            self._keys.append((torch.repeat_interleave(assigned, counts) << 31) | members)
             self._offsets.append(torch.cumsum(counts, 0) + self._offsets.data[self.n_sets])
             k = torch.tensor([key for key, _ in new_keys], dtype=torch.int64)
             self._sets.put(k[:, 0], k[:, 1], assigned)
+            self._sets_top_label = max(self._sets_top_label, int(members.max()))
             self._sets_py.update(new)
         return out
+
+    @staticmethod
+    def _read_tensor_index(table: Table, known: dict, keys) -> None:
+        """Copies into `known` what the tensor `table` holds of the `keys` it lacks (None
+        entries skipped): one lookup for a batch of the small path."""
+        miss = list(dict.fromkeys(k for k in keys if k is not None and k not in known))
+        if miss:
+            k = torch.tensor(miss, dtype=torch.int64)
+            found = table.get(k[:, 0].contiguous(), k[:, 1].contiguous()).tolist()
+            known.update((key, i) for key, i in zip(miss, found) if i >= 0)
 
     def intern(self, members: Iterable[int]) -> int:
         m = torch.tensor(sorted(set(int(x) for x in members)), dtype=torch.int64)
@@ -387,36 +424,79 @@ class SetPool:
         todo = (lo != hi) & (lo != EMPTY)
         if not bool(todo.any()):
             return out
-        if int(todo.sum()) <= SMALL:
+        count = int(todo.sum())
+        if count <= SMALL:
             out[todo] = torch.tensor(self._union_py(lo[todo].tolist(), hi[todo].tolist()), dtype=torch.int64)
             return out
         with one_thread():
+            where = None if count == todo.numel() else torch.nonzero(todo).reshape(-1)
+            if where is not None:
+                lo, hi = lo.index_select(0, where), hi.index_select(0, where)
             n = max(self.n_sets, 1)
-            uniq, inverse = torch.unique(lo[todo] * n + hi[todo], return_inverse=True)
-            ulo, uhi = uniq // n, uniq % n
-            res = self._unions.get(ulo, uhi)
+            uniq, inverse = unique(lo * n + hi)
+            ulo = uniq // n
+            uhi = uniq - ulo * n
+            res = self._lookup(self._unions, ulo, uhi, uhi, self._unions_top)
             miss = torch.nonzero(res < 0).reshape(-1)
             if miss.numel():
-                a, b = ulo[miss], uhi[miss]
-                got = self._subset_union(a, b)
-                rest = torch.nonzero(got < 0).reshape(-1)
-                if rest.numel():
-                    ma, sa = self.members(a[rest])
-                    mb, sb = self.members(b[rest])
-                    got[rest] = self.intern_segments(torch.cat([ma, mb]), torch.cat([sa, sb]), rest.numel())
-                self._unions.put(a, b, got)
-                self._unions_py.update(zip(zip(a.tolist(), b.tolist()), got.tolist()))
-                res[miss] = got
-            out[todo] = res[inverse]
+                a, b = ulo.index_select(0, miss), uhi.index_select(0, miss)
+                got = self._unite(a, b)
+                if miss.numel() <= MIRROR:
+                    self._unions_py.update(zip(zip(a.tolist(), b.tolist()), got.tolist()))
+                else:
+                    self._unions_unmirrored = True
+                res.index_copy_(0, miss, got)
+            res = res.index_select(0, inverse)
+            if where is None:
+                return res
+            out.index_copy_(0, where, res)
         return out
+
+    def _unite(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Ids of a[i] | b[i] for distinct pairs not in the union memo (a < b, neither empty),
+        memoised."""
+        got = self._subset_union(a, b)
+        rest = torch.nonzero(got < 0).reshape(-1)
+        if rest.numel():
+            # Each pair's two sets side by side: when one's labels all precede the other's (two
+            # axes united unit by unit) the members arrive sorted and need no sort (_sort.unique).
+            pair = torch.stack([a.index_select(0, rest), b.index_select(0, rest)], 1).reshape(-1)
+            m, seg = self.members(pair)
+            got.index_copy_(0, rest, self.intern_segments(m, seg >> 1, rest.numel()))
+        self._unions.put(a, b, got)
+        self._unions_top = max(self._unions_top, int(b.max()))
+        return got
+
+    @staticmethod
+    def _lookup(table: Table, k1: torch.Tensor, k2: torch.Tensor, top: torch.Tensor, table_top: int) -> torch.Tensor:
+        """table.get(k1, k2), asking only for keys whose `top` is at most `table_top` (the
+        others cannot be there)."""
+        maybe = top <= table_top
+        count = int(maybe.sum())
+        if count == k1.numel():
+            return table.get(k1, k2)
+        out = torch.full((k1.numel(),), -1, dtype=torch.int64)
+        if count:
+            where = torch.nonzero(maybe).reshape(-1)
+            out.index_copy_(0, where, table.get(k1.index_select(0, where), k2.index_select(0, where)))
+        return out
+
+    @staticmethod
+    def _top_labels(members: torch.Tensor, segment: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The largest member of each set `rows` (members sorted by segment, then label)."""
+        last = torch.cumsum(torch.bincount(segment, minlength=int(rows[-1]) + 1), 0) - 1
+        return members.index_select(0, last.index_select(0, rows))
 
     def _union_py(self, lo: list[int], hi: list[int]) -> list[int]:
         memo = self._unions_py
         keys = list(zip(lo, hi))
+        if self._unions_unmirrored:
+            self._read_tensor_index(self._unions, memo, keys)
         miss = list(dict.fromkeys(k for k in keys if k not in memo))
         if miss:
-            sets = self.sets
-            if sum(len(sets[a]) + len(sets[b]) for a, b in miss) > 64 * SMALL:
+            sets, off = self.sets, self._offsets.numpy()
+            # sizes from the offsets: a frozenset of a large set is what this test avoids
+            if sum(int(off[a + 1] - off[a] + off[b + 1] - off[b]) for a, b in miss) > 64 * SMALL:
                 got = self.union_pairs_tensor([a for a, _ in miss], [b for _, b in miss])
             else:
                 got = self._intern_py([sorted(sets[a] | sets[b]) for a, b in miss])
@@ -427,36 +507,67 @@ class SetPool:
         """The tensor path of `union_pairs` for pairs of large sets (lo < hi, neither empty)."""
         a, b = torch.tensor(lo, dtype=torch.int64), torch.tensor(hi, dtype=torch.int64)
         with one_thread():
-            got = self._subset_union(a, b)
-            rest = torch.nonzero(got < 0).reshape(-1)
-            if rest.numel():
-                ma, sa = self.members(a[rest])
-                mb, sb = self.members(b[rest])
-                got[rest] = self.intern_segments(torch.cat([ma, mb]), torch.cat([sa, sb]), rest.numel())
-            self._unions.put(a, b, got)
-        return got.tolist()
+            return self._unite(a, b).tolist()
 
     def _subset_union(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a[i] | b[i] where one of them holds the other (found by looking the smaller one's
         members up in the larger), -1 elsewhere: a stream's positions united with the set of
         all of them (a norm's statistic) costs the small sets, not a copy of the large one."""
         sa, sb = self.sizes(a), self.sizes(b)
-        a_small = sa <= sb
+        out = torch.full_like(a, -1)
+        # Sets of one size hold each other only if equal, and distinct ids are distinct sets:
+        # only pairs of two sizes are searched (none, when two axes are united unit by unit).
+        rows = torch.nonzero(sa != sb).reshape(-1)
+        if not rows.numel():
+            return out
+        a, b, sa, sb = a.index_select(0, rows), b.index_select(0, rows), sa.index_select(0, rows), sb.index_select(0, rows)
+        a_small = sa < sb
         small, big = torch.where(a_small, a, b), torch.where(a_small, b, a)
+        # A set holds another only if its first and last members bound the other's: pairs
+        # failing that (sets over different labels) are dropped before the member search.
+        off, flat = self._offsets.data, self._members.data
+        s0, b0 = off.index_select(0, small), off.index_select(0, big)
+        s1, b1 = off.index_select(0, small + 1) - 1, off.index_select(0, big + 1) - 1
+        bounded = torch.nonzero((flat.index_select(0, s0) >= flat.index_select(0, b0))
+                                & (flat.index_select(0, s1) <= flat.index_select(0, b1))).reshape(-1)
+        if not bounded.numel():
+            return out
+        if bounded.numel() < rows.numel():
+            rows, small, big = rows.index_select(0, bounded), small.index_select(0, bounded), big.index_select(0, bounded)
         m, seg = self.members(small)
-        inside = self.contains(big[seg], m)
-        holds = torch.ones(a.numel(), dtype=torch.bool)
-        holds[seg[~inside]] = False
-        return torch.where(holds, big, torch.full_like(big, -1))
+        inside = self.contains(big.index_select(0, seg), m)
+        holds = torch.ones(rows.numel(), dtype=torch.bool)
+        holds.index_fill_(0, seg.masked_select(~inside), False)
+        return out.index_copy_(0, rows, torch.where(holds, big, -1))
 
     @_one_thread
     def contains(self, set_ids: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
         """Whether set set_ids[i] holds label label_ids[i], for each i."""
-        keys = self._keys.view()
-        q = (set_ids << 31) | label_ids
-        from ._sort import searchsorted
-        pos = searchsorted(keys, q).clamp(max=max(keys.numel() - 1, 0))
-        return keys[pos] == q
+        # A binary search of each set's own sorted run, all queries a step at a time: as many
+        # steps as the longest run asked has bits, where a search of one sorted array of every
+        # member of every set took the log of tens of millions, each step a cache miss.
+        set_ids, label_ids = torch.broadcast_tensors(set_ids, label_ids)
+        shape, set_ids, label_ids = set_ids.shape, set_ids.reshape(-1), label_ids.reshape(-1)
+        if not set_ids.numel():
+            return torch.zeros(shape, dtype=torch.bool)
+        off, members = self._offsets.data, self._members.data
+        first = int(set_ids[0])
+        if bool((set_ids == first).all()):
+            # one set asked (a stream's positions inside the set of all of them): one search
+            run = members[int(off[first]): int(off[first + 1])]
+            if not run.numel():
+                return torch.zeros(shape, dtype=torch.bool)
+            pos = torch.searchsorted(run, label_ids).clamp_(max=run.numel() - 1)
+            return (run.index_select(0, pos) == label_ids).reshape(shape)
+        lo = off.index_select(0, set_ids)
+        end = off.index_select(0, set_ids + 1)
+        hi, top = end, max(len(self._members) - 1, 0)
+        for _ in range(int((end - lo).max()).bit_length()):
+            mid = (lo + hi) >> 1
+            below = (lo < hi) & (members.index_select(0, mid.clamp(max=top)) < label_ids)
+            lo = torch.where(below, mid + 1, lo)
+            hi = torch.where(below, hi, mid)
+        return ((lo < end) & (members.index_select(0, lo.clamp(max=top)) == label_ids)).reshape(shape)
 
     def union(self, a: int, b: int) -> int:
         if a == b or b == EMPTY:
@@ -490,19 +601,21 @@ class SetPool:
         """For each segment s in range(n_segments), the union of ids[segment == s]."""
         ids, segment = ids.reshape(-1), segment.reshape(-1)
         n = max(self.n_sets, 1)
-        with one_thread():
-            pair = torch.unique(segment * n + ids)
-        seg, sid = pair // n, pair % n
+        pair = unique_values(segment * n + ids)
+        seg = pair // n
+        sid = pair - seg * n
         counts = torch.bincount(seg, minlength=n_segments)
         out = torch.zeros(n_segments, dtype=torch.int64)
-        single = counts[seg] == 1
-        out[seg[single]] = sid[single]
+        single = counts.index_select(0, seg) == 1
         if bool(single.all()):  # one set per segment: nothing to unite
-            return out
-        seg, sid = seg[~single], sid[~single]
-        rows, local = torch.unique(seg, return_inverse=True)
+            return out.index_copy_(0, seg, sid)
+        if bool(single.any()):
+            out.index_copy_(0, seg.masked_select(single), sid.masked_select(single))
+            many = ~single
+            seg, sid = seg.masked_select(many), sid.masked_select(many)
+        rows, local = unique(seg)
         m, which = self.members(sid)
-        out[rows] = self.intern_segments(m, local[which], rows.numel())
+        out.index_copy_(0, rows, self.intern_segments(m, local.index_select(0, which), rows.numel()))
         return out
 
     @_one_thread

@@ -110,3 +110,133 @@ def test_the_python_and_tensor_paths_share_one_index():
     s2 = torch.tensor([k for k, s in enumerate(fresh) for _ in s])
     assert pool.intern_segments(m2, s2, len(fresh)).tolist() == small
     assert len(pool.sets) == 1 + 60 + len({tuple(s) for s in refs} | {tuple(s) for s in fresh})
+
+
+def test_table_agrees_with_a_dict_through_growth_collisions_and_long_probes():
+    # Keys crowd into few slots (k1 from a small range, k2 repeated) and batches span the
+    # tensor probe rounds, the Python tail of the last few keys and the table's growth.
+    from fxsurgery._table import Table
+    rng = random.Random(5)
+    table, ref = Table(16), {}
+    for size in [1, 3, 40, 700, 5, 2500, 60, 4000]:
+        keys = list(dict.fromkeys((rng.randrange(40), rng.choice([7, -1, 1 << 40, rng.getrandbits(62)]))
+                                  for _ in range(size)))
+        keys = [k for k in keys if k not in ref]
+        values = list(range(len(ref), len(ref) + len(keys)))
+        table.put(torch.tensor([a for a, _ in keys], dtype=torch.int64),
+                  torch.tensor([b for _, b in keys], dtype=torch.int64), torch.tensor(values, dtype=torch.int64))
+        ref.update(zip(keys, values))
+        asked = list(ref) + [(rng.randrange(50), rng.getrandbits(62)) for _ in range(300)]
+        rng.shuffle(asked)
+        got = table.get(torch.tensor([a for a, _ in asked]), torch.tensor([b for _, b in asked]))
+        assert got.tolist() == [ref.get(k, -1) for k in asked]
+    assert table.n == len(ref)
+
+
+def test_the_small_path_reads_what_large_tensor_batches_did_not_copy_to_it():
+    # Batches of more than MIRROR new sets or unions stay in the tensor tables only: the small
+    # path must find them there, neither storing a set twice nor giving a union another id.
+    from fxsurgery.setpool import MIRROR, SMALL
+    pool = SetPool()
+    a = pool.singletons(pool.unit_label_ids("gate", 3 * MIRROR))
+    b = pool.singletons(pool.unit_label_ids("up", 3 * MIRROR))
+    pairs = pool.union_pairs(a, b)                                      # tensor path, not copied
+    n = pool.n_sets
+    assert pool._sets_unmirrored and pool._unions_unmirrored
+    recomputed = []
+    intern_py = pool._intern_py
+    pool._intern_py = lambda sets: recomputed.append(sets) or intern_py(sets)
+    for k in range(0, 3 * MIRROR, 97):
+        assert pool.union(int(a[k]), int(b[k])) == int(pairs[k])        # small union path
+    assert not recomputed                                               # read from the memo
+    for k in range(0, 3 * MIRROR, 97):
+        assert pool.intern([int(pool.members_of(int(pairs[k]))[0]), 3 * MIRROR + k]) == int(pairs[k])
+    few = pool.union_pairs(a[:SMALL], b[:SMALL])                        # a small batch at once
+    assert few.tolist() == pairs[:SMALL].tolist() and pool.n_sets == n
+    assert pool.sets[int(pairs[5])] == {5, 3 * MIRROR + 5}
+
+
+def test_membership_searches_runs_of_every_length():
+    rng = random.Random(6)
+    pool = SetPool()
+    pool.label_range("feature", "x", 500, [f"f{i}" for i in range(500)])
+    refs = [frozenset(rng.sample(range(500), rng.choice([0, 1, 2, 3, 7, 64, 65, 300, 500]))) for _ in range(40)]
+    ids = [pool.intern(s) for s in refs]
+    q = [(rng.randrange(len(ids)), rng.randrange(500)) for _ in range(3000)]
+    q += [(k, m) for k, s in enumerate(refs) for m in (min(s, default=0), max(s, default=0))]
+    got = pool.contains(torch.tensor([ids[k] for k, _ in q]), torch.tensor([m for _, m in q]))
+    assert got.tolist() == [m in refs[k] for k, m in q]
+    for k in range(len(ids)):  # one set asked for every label (one search of its run)
+        assert pool.contains(torch.full((500,), ids[k]), torch.arange(500)).tolist() == [m in refs[k] for m in range(500)]
+    grid = pool.contains(torch.tensor(ids[:4]).reshape(4, 1), torch.arange(3).reshape(1, 3))  # broadcasts
+    assert grid.tolist() == [[m in refs[k] for m in range(3)] for k in range(4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_distinct_values_equal_torch_unique(dtype):
+    # numpy's sort, or one pass when the values arrive sorted: the same values and inverse
+    from fxsurgery._sort import sort, unique, unique_values
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.zeros(0, dtype=dtype), torch.tensor([3], dtype=dtype)]
+    for n in (2, 50, 3000):
+        cases += [torch.randint(-9, 9, (n,), generator=g).to(dtype), torch.randint(-9, 9, (3, n), generator=g).to(dtype),
+                  torch.sort(torch.randint(0, 20, (n,), generator=g)).values.to(dtype),
+                  torch.randint(-2 ** 30, 2 ** 30, (n,), generator=g).to(dtype)]
+    for x in cases:
+        u, inv = unique(x)
+        want_u, want_inv = torch.unique(x, return_inverse=True)
+        assert torch.equal(u, want_u) and torch.equal(inv, want_inv) and u.dtype == dtype
+        assert torch.equal(unique_values(x), want_u)
+    distinct = torch.randperm(500, generator=g).to(dtype)
+    values, order = sort(distinct)
+    assert torch.equal(values, torch.arange(500, dtype=dtype)) and torch.equal(distinct[order], values)
+    assert torch.equal(sort(values)[1], torch.arange(500))
+
+
+def test_the_subset_shortcut_finds_every_subset_and_only_those():
+    # A union where one set holds the other is that set, found without interning: pairs that
+    # share first or last members, equal sizes, disjoint ranges and interleaved sets.
+    pool = SetPool()
+    pool.label_range("feature", "x", 40, [f"f{i}" for i in range(40)])
+    big = pool.intern(range(5, 30))
+    cases = {pool.intern([5, 29]): big, pool.intern([5, 6, 7]): big, pool.intern([28, 29]): big,
+             pool.intern([17]): big, pool.intern([4, 10]): -1, pool.intern([10, 30]): -1,
+             pool.intern([31, 32]): -1, pool.intern(range(6, 31)): -1, pool.intern([1, 3, 5]): -1}
+    a = torch.tensor(sorted(cases))
+    got = pool._subset_union(a, torch.full_like(a, big))
+    assert got.tolist() == [cases[i] for i in a.tolist()]
+    assert pool._subset_union(torch.full_like(a, big), a).tolist() == got.tolist()  # either side
+
+
+def test_sets_and_unions_with_new_labels_are_found_again_whichever_path_stored_them():
+    # A lookup is skipped for sets holding a label newer than any stored set's, and for pairs
+    # with a set newer than any memoised pair's: what each path stores must move those bounds.
+    from fxsurgery.setpool import SMALL
+    rng = random.Random(7)
+    pool = SetPool()
+    pool.label_range("feature", "x", 500, [f"f{i}" for i in range(500)])
+
+    def batch(lo, hi, n):
+        refs = [sorted(rng.sample(range(lo, hi), rng.randint(2, 5))) for _ in range(n)]
+        return refs, torch.tensor([m for r in refs for m in r]), torch.tensor([k for k, r in enumerate(refs) for _ in r])
+
+    for lo, hi in [(0, 100), (100, 200)]:                   # tensor path, twice, newer labels
+        refs, m, seg = batch(lo, hi, 3 * SMALL)
+        ids = pool.intern_segments(m, seg, len(refs)).tolist()
+        n = pool.n_sets
+        assert pool.intern_segments(m.flip(0), seg.flip(0), len(refs)).tolist() == ids and pool.n_sets == n
+    refs, m, seg = batch(300, 400, 3 * SMALL)
+    small = [pool.intern(r) for r in refs]                 # Python path, newer labels still
+    n = pool.n_sets
+    assert pool.intern_segments(m, seg, len(refs)).tolist() == small and pool.n_sets == n
+    fresh, _, _ = batch(400, 500, len(refs))               # stored sets each next to a newer one
+    mixed = [r for pair in zip(refs, fresh) for r in pair]
+    got = pool.intern_segments(torch.tensor([x for r in mixed for x in r]),
+                               torch.tensor([k for k, r in enumerate(mixed) for _ in r]), len(mixed)).tolist()
+    assert got[::2] == small and pool.n_sets == n + len({tuple(r) for r in fresh})
+    a, b = torch.tensor(small[:2 * SMALL]), torch.tensor(small[SMALL:])
+    first = pool.union_pairs(a, b)
+    interned = []
+    intern = pool.intern_segments
+    pool.intern_segments = lambda *args: interned.append(args) or intern(*args)
+    assert pool.union_pairs(b, a).tolist() == first.tolist() and not interned  # from the memo
