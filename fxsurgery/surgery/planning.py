@@ -16,6 +16,7 @@ import torch
 
 from ..capture import Traced, trace
 from .._gc import paused
+from .._sort import single_threaded
 from ..interaction_map import interaction_map
 from ..progress import check as check_progress, counted, steps
 from ..tied import tied_names
@@ -249,6 +250,7 @@ def _non_persistent(model: torch.nn.Module) -> set[str]:
 
 
 @paused
+@single_threaded
 def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
          units: Mapping[str, list] | None = None, strict: bool = False,
          new_categories: str = "zero", *, progress=None) -> SurgeryPlan:

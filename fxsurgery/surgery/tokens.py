@@ -127,7 +127,27 @@ class LabelSpace:
                     t = ids.get(("x", r.kind, r.group, r.names[k] if r.names is not None else str(r.first + k)))
                     out.append(t if t is not None else self._token(r.label(k), side))
                 continue
+            cu = self.category_units[side].get(group)
+            if r.kind == "unit" and r.names is None and cu is not None \
+                    and not (side == "new" and group in self.unit_aliases):
+                out.extend(self._category_unit_tokens(r, group, cu, side))
+                continue
             out.extend(self._token(r.label(k), side) for k in range(r.n))
+        return out
+
+    def _category_unit_tokens(self, r, group: str, cu: dict, side: str) -> list[int]:
+        """`_token` of a tied vocabulary's units (unit r of `group` is category cu[r]), with a
+        dict read per unit and a Label only for a new token."""
+        ids, out = self._ids, []
+        for k in range(r.n):
+            index = r.first + k
+            cat = cu.get(index)
+            if cat is None:
+                out.append(self._token(r.label(k), side))
+                continue
+            key = ("uc", group, cat.group, cat.name)
+            t = ids.get(key)
+            out.append(t if t is not None else self._intern(key, Label("unit", group, cat.name, index)))
         return out
 
     def _token(self, lab: Label, side: str) -> int:
