@@ -69,6 +69,7 @@ class InteractionMap:
         self.source = source
         self.notes = list(notes)
         self._alias = {a: name for name, e in entries.items() for a in e.aliases}
+        self.run = None   # set by interaction_map: the stamp of the graph run that made it
 
     # lookups ------------------------------------------------------------------------
     def _entry(self, name: str) -> ParamEntry:
@@ -279,6 +280,7 @@ def interaction_map(traced: Traced, keys: bool = True, registry=REGISTRY, *, pro
     total) called after each node.
     """
     pool = SetPool()
+    traced.graph_module.meta.pop(RUN_KEY, None)   # the nodes' labels are about to change
     # One thread: the rules run thousands of tensor calls on a few thousand ids each, where
     # torch's intra-op pool only adds synchronisation; on a 2-core machine under load the
     # 2-layer Llama-shaped map took 6.5 s with it against 1.9 s without.
@@ -292,7 +294,22 @@ def interaction_map(traced: Traced, keys: bool = True, registry=REGISTRY, *, pro
             kp = LabelPropagator(traced, pool, "keys", registry, step=step)
             kp.run(*_placeholder_args(traced))
     notes = list(dict.fromkeys(deps.notes + (kp.notes if kp else [])))
-    return InteractionMap(pool, _entries(traced, deps, kp), dict(traced.descriptions), "boolean", notes)
+    imap = InteractionMap(pool, _entries(traced, deps, kp), dict(traced.descriptions), "boolean", notes)
+    # The graph's nodes now hold this run's label tensors: a stamp on both says so, so that a
+    # caller holding the map (a pass) can hand it to `fs.plan` instead of mapping again.
+    if keys and registry is REGISTRY:
+        imap.run = traced.graph_module.meta[RUN_KEY] = (object(), pool.n_labels)
+    return imap
+
+
+RUN_KEY = "fxsurgery_map_run"
+
+
+def current_map(traced: Traced, imap) -> bool:
+    """Whether `imap` is the last map made of `traced`'s graph (its nodes hold its labels)."""
+    run = getattr(imap, "run", None)
+    # ... and no label was added to its pool since (sets may be: they change no existing id).
+    return run is not None and traced.graph_module.meta.get(RUN_KEY) is run and imap.pool.n_labels == run[1]
 
 
 def _placeholder_args(traced: Traced) -> list:

@@ -120,11 +120,11 @@ def rewrite(traced: Traced, change: Change, imap=None) -> torch.fx.GraphModule:
     for (kind, group), o in r.orders.items():
         if kind == "unit" and o.n_new == 0 and o.members != list(range(len(o.members))):
             units.setdefault(group, list(o.members))
-    return finish(gm, traced, change, shapes, units, r)
+    return finish(gm, traced, change, shapes, units, r, imap)
 
 
 def finish(gm: torch.fx.GraphModule, traced: Traced, change: Change, shapes: dict, units: dict,
-           r=None) -> torch.fx.GraphModule:
+           r=None, imap=None) -> torch.fx.GraphModule:
     """What every pass does once its new module is built: check it on fake tensors, free its
     batch size, trace it, plan it against the old model with `units`, carry the weights over,
     and remember all of it in `gm.meta`."""
@@ -134,7 +134,7 @@ def finish(gm: torch.fx.GraphModule, traced: Traced, change: Change, shapes: dic
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         new = trace(gm, inputs, change.descriptions)
-    p = make_plan(traced, new, units=units or None, new_categories=change.new_categories)
+    p = make_plan(traced, new, units=units or None, new_categories=change.new_categories, old_map=imap)
     if not any(t.is_meta for t in gm.state_dict(keep_vars=True).values()):   # meta: planned only, streamed later
         p.apply()
     # The chain continues when this pass started from the unchanged output of an earlier one.

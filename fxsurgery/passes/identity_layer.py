@@ -107,7 +107,7 @@ def insert_identity_layer(model, after: str, name: str | None = None, *, inputs=
     graph.lint()
     gm.recompile()
     change = Change({}, dict(traced.descriptions), new_inputs(traced, {}), what=f"insert_identity_layer({after!r})")
-    return finish(gm, traced, change, {}, {name: _unit_group_of(imap, out_old, axis, after)})
+    return finish(gm, traced, change, {}, {name: _unit_group_of(imap, out_old, axis, after)}, imap=imap)
 
 
 def _unit_axis(traced, imap, node, after: str) -> int:

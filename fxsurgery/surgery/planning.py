@@ -17,7 +17,7 @@ import torch
 from ..capture import Traced, trace
 from .._gc import paused
 from .._sort import single_threaded
-from ..interaction_map import interaction_map
+from ..interaction_map import current_map, interaction_map
 from ..progress import check as check_progress, counted, steps
 from ..tied import tied_names
 from .apply import build, writes_nothing
@@ -253,7 +253,7 @@ def _non_persistent(model: torch.nn.Module) -> set[str]:
 @single_threaded
 def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
          units: Mapping[str, list] | None = None, strict: bool = False,
-         new_categories: str = "zero", *, progress=None) -> SurgeryPlan:
+         new_categories: str = "zero", *, progress=None, old_map=None) -> SurgeryPlan:
     """Plans carrying the old model's weights into the new one.
 
     rename: old name prefix -> new name prefix, for modules or parameters that were renamed
@@ -280,6 +280,9 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
         callable(what, done, total) called as each advances, `what` being "mapping <old model
         class>", "mapping <new model class>", then "planning <new model class>" (parameters
         matched).
+    old_map: the old model's interaction map, when the caller has just made it (a pass does):
+        used if it is still the last map made of `old`'s graph, else the old model is mapped
+        again.
     """
     for what, t in (("old", old), ("new", new)):
         if not isinstance(t, Traced):
@@ -292,7 +295,8 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*_flat_weights.*")
-        old_map = interaction_map(old, progress=progress)
+        if old_map is None or not current_map(old, old_map):
+            old_map = interaction_map(old, progress=progress)
         old_outputs = output_keys(old)  # read now: mapping `new` may overwrite node metadata
         old_points = graph_points(old)
         old_fallbacks = fallback_points(old)
