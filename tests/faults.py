@@ -118,3 +118,16 @@ def state_hash(module: torch.nn.Module, objects: bool = False) -> dict[str, str]
             h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
         out[name] = h.hexdigest()
     return out
+
+
+def nth_call_raises(real, k: int, exc: BaseException):
+    """A stand-in for the function `real` whose k-th call (from 1) raises `exc`; the others call
+    through. For monkeypatching a module's function (a rule, `build`, `match`)."""
+    calls = []
+
+    def stand_in(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == k:
+            raise exc
+        return real(*args, **kwargs)
+    return stand_in

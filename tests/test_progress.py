@@ -11,6 +11,7 @@ import fxsurgery.progress as progress_module
 from fxsurgery.cli import main
 from fxsurgery.surgery import SurgeryError, planning
 from fxsurgery.surgery.checkpoint import _progress as checkpoint_progress
+from faults import nth_call_raises
 from helpers import ThreeLayer, TwoLayer
 from test_core_models import Regions
 
@@ -170,15 +171,7 @@ def test_a_rule_failing_midway_closes_the_mapping_bar(bars, capsys):
 
 
 def test_a_match_failing_midway_closes_the_planning_bar(bars, capsys, monkeypatch):
-    calls = []
-
-    def failing(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("boom")
-        return match(*a, **kw)
-    match = planning.match
-    monkeypatch.setattr(planning, "match", failing)
+    monkeypatch.setattr(planning, "match", nth_call_raises(planning.match, 2, RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         fs.plan(_traced(), _traced(new_model), progress=True)
     assert [b.desc for b in bars] == ["mapping TwoLayer", "mapping TwoLayer", "planning TwoLayer"]

@@ -9,6 +9,8 @@ from fxsurgery.surgery import plan, transplant, verify
 from fxsurgery.surgery.renames import rename_prefix
 from fxsurgery.zoo import FivePolicy, five_config_small
 
+from faults import nth_call_raises
+
 OBS = ["hp", "mana", "x", "y"]
 
 
@@ -667,16 +669,8 @@ def test_a_failed_apply_leaves_the_new_model_untouched(monkeypatch):
     p = plan(fs.trace(old, {"obs": torch.randn(2, 4)}, feats(OBS)),
              fs.trace(new, {"obs": torch.randn(2, 6)}, feats(OBS + ["a", "b"])))
     before = {k: v.clone() for k, v in new.state_dict().items()}
-    calls = []
-
-    def failing(*args, **kwargs):  # fails on the fourth parameter, after three were prepared
-        calls.append(1)
-        if len(calls) == 4:
-            raise RuntimeError("disk on fire")
-        return real(*args, **kwargs)
-
-    real = plan_module.build
-    monkeypatch.setattr(plan_module, "build", failing)
+    # fails on the fourth parameter, after three were prepared
+    monkeypatch.setattr(plan_module, "build", nth_call_raises(plan_module.build, 4, RuntimeError("disk on fire")))
     with pytest.raises(RuntimeError, match="disk on fire"):
         p.apply()
     assert all(torch.equal(before[k], v) for k, v in new.state_dict().items())
