@@ -132,7 +132,29 @@ class LabelSpace:
                     and not (side == "new" and group in self.unit_aliases):
                 out.extend(self._category_unit_tokens(r, group, cu, side))
                 continue
+            chunks = self.unit_splits[side].get(group)
+            if r.kind == "unit" and r.names is None and chunks is not None and cu is None \
+                    and not (side == "new" and group in self.unit_aliases):
+                out.extend(self._split_unit_tokens(r, group, chunks))
+                continue
             out.extend(self._token(r.label(k), side) for k in range(r.n))
+        return out
+
+    def _split_unit_tokens(self, r, group: str, chunks: list[int]) -> list[int]:
+        """`_token` of the units of an axis cut into parts (heads): the parts of every unit
+        computed in tensor code, then one dict read per unit and a Label only for a new token."""
+        index = torch.arange(r.first, r.first + r.n, dtype=torch.int64)
+        cols = []
+        for c in chunks:   # digits(), column by column
+            cols.append((index // c).tolist())
+            index = index % c
+        cols.append(index.tolist())
+        ids, out = self._ids, []
+        for k, parts in enumerate(zip(*cols)):
+            key = ("us", group, parts)
+            t = ids.get(key)
+            out.append(t if t is not None else
+                       self._intern(key, Label("unit", group, ".".join(map(str, parts)), r.first + k)))
         return out
 
     def _category_unit_tokens(self, r, group: str, cu: dict, side: str) -> list[int]:
