@@ -24,7 +24,8 @@ Measured side by side in one process, median of --repeat runs each:
             parameters at them (so that a failure midway can be taken back), so its cost is
             about that of the clone, not of the copy.
 
-and the ratios transplant / copy. The target is that the transfer costs
+and the ratios transplant / copy; the whole transplant (planning + apply) is also compared with
+`torch.export` of both models plus the copy (target <= 1.5). The target is that the transfer costs
 about what the copy costs (apply / copy <= 2); planning is compared with `torch.export`
 capture of the new model instead (`bench_map.py`), since it never touches a weight. A small
 warm-up transplant (`five_small`) runs first so that one-time import and tracer set-up costs
@@ -100,6 +101,7 @@ def run(name: str, old, old_inputs, old_features, repeat: int) -> None:
     n_params = zoo.count_parameters(old)
     same = materialise(on_meta(zoo.five_config_large())[0])   # the copy's destination
     copy_t, clone_t, trace_old_t, trace_new_t, plan_t, map_t, apply_t, mat_t = [], [], [], [], [], [], [], []
+    export_t = []
     p = new = None
     for _ in range(repeat):
         _, t = timed(lambda: same.load_state_dict(old_sd))
@@ -110,6 +112,11 @@ def run(name: str, old, old_inputs, old_features, repeat: int) -> None:
         p = new = None
         gc.collect()
         new, new_inputs, new_features = on_meta(make_config())
+        # The whole-transplant target's baseline: torch.export of both models, as fs.trace runs it.
+        _, t = timed(lambda: torch.export.export(old, tuple(old_inputs.values())))
+        export_t.append(t)
+        _, t = timed(lambda: torch.export.export(new, tuple(new_inputs.values())))
+        export_t[-1] += t
         t_old, t = timed(lambda: fs.trace(old, old_inputs, old_features))
         trace_old_t.append(t)
         t_new, t = timed(lambda: fs.trace(new, new_inputs, new_features))
@@ -149,6 +156,9 @@ def run(name: str, old, old_inputs, old_features, repeat: int) -> None:
     print(f"ratio    planning / copy                 {planning / copy:7.2f}")
     print(f"ratio    fs.plan / trace new (capture)   {pl / tr_n:7.2f}   (DESIGN: plan in about the capture time)")
     print(f"ratio    (planning + apply) / copy       {(planning + ap) / copy:7.2f}")
+    ex = med(export_t)
+    print(f"whole    torch.export of both models     {ex:7.3f} s")
+    print(f"ratio    (planning + apply) / (export both + copy) {(planning + ap) / (ex + copy):7.2f}   (target <= 1.5)")
     print(f"peak resident memory so far             {peak_rss_mb():7.0f} MB (whole process)")
 
 
