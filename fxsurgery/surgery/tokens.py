@@ -122,7 +122,7 @@ class LabelSpace:
                     out.extend(range(start + r.first, start + r.first + r.n))
                     continue
             if r.kind != "unit":
-                ids, intern = self._ids, self._intern
+                ids = self._ids
                 for k in range(r.n):   # one dict read per label; a Label only for a new token
                     t = ids.get(("x", r.kind, r.group, r.names[k] if r.names is not None else str(r.first + k)))
                     out.append(t if t is not None else self._token(r.label(k), side))
