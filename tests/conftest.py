@@ -19,3 +19,13 @@ def quiet():
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)
         yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tests on tiny tensors, where intra-op threads only
+    add contention (3x slower on 2 cores); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

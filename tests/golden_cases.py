@@ -20,13 +20,13 @@ import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 if __name__ == "__main__":  # run as a script: this checkout's fxsurgery, not an installed one
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fxsurgery as fs  # noqa: E402
+from helpers import Block, Causal, Recurrent, WithState  # noqa: E402
 from fxsurgery import zoo  # noqa: E402
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
@@ -35,58 +35,6 @@ VOCAB = [f"tok{i}" for i in range(12)]  # small: the JSON export lists every cat
 
 
 # models ------------------------------------------------------------------------------------
-class Recurrent(nn.Module):
-    def __init__(self, core, head_in):
-        super().__init__()
-        self.core = core
-        self.head = nn.Linear(head_in, 2)
-
-    def forward(self, x):
-        out, _ = self.core(x)
-        return self.head(out)
-
-
-class WithState(nn.Module):
-    def __init__(self, core):
-        super().__init__()
-        self.core = core
-
-    def forward(self, x, h0):
-        return self.core(x, h0)[0]
-
-
-class Block(nn.Module):
-    """A pre-norm transformer block on the residual stream."""
-
-    def __init__(self, d=4, heads=2, need_weights=False):
-        super().__init__()
-        self.inp = nn.Linear(3, d)
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(d, 8), nn.GELU(), nn.Linear(8, d))
-        self.need_weights = need_weights
-
-    def forward(self, x):
-        x = self.inp(x)
-        h = self.ln1(x)
-        x = x + self.attn(h, h, h, need_weights=self.need_weights)[0]
-        return x + self.mlp(self.ln2(x))
-
-
-class Causal(nn.Module):
-    def __init__(self, T, d=4, heads=2):
-        super().__init__()
-        self.proj = nn.Linear(3, 3 * d)
-        self.scale = nn.Parameter(torch.randn(T, 1))
-        self.heads = heads
-
-    def forward(self, x):
-        B, T, _ = x.shape
-        q, k, v = self.proj(x).reshape(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return out.transpose(1, 2).reshape(B, T, -1) * self.scale
-
-
 def _seeded(factory, seed=0):
     torch.manual_seed(seed)
     return factory()

@@ -3,19 +3,13 @@ a change to how the label engine stores labels and sets must not change any of t
 import json
 
 import pytest
-import torch
 
 from golden_cases import compute_map, compute_plan, map_cases, path, plan_cases
 
 REAL = {"llama", "gpt2", "vit", "llama_heads_added", "gpt2_tokens_added", "bert_wider"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _saved(kind, name):

@@ -16,18 +16,10 @@ import fxsurgery as fs
 from fxsurgery.propagate import META_KEY
 from fxsurgery.rules import REGISTRY
 
-from helpers import element, key, names
+from helpers import Block, Causal, Recurrent, WithState, element, key, names
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*_flat_weights.*")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: intra-op threads only add contention (3x slower on 2 cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The tensors here are tiny: intra-op threads only add contention (3x slower on 2 cores).
+pytestmark = [pytest.mark.filterwarnings("ignore:.*_flat_weights.*"), pytest.mark.usefixtures("one_thread")]
 
 FEATS = ["a", "b", "c"]
 ALL = {f"x:{f}" for f in FEATS}
@@ -46,17 +38,6 @@ def _times(prefix: str, ts) -> set[str]:
 
 
 # LSTM ----------------------------------------------------------------------------------
-class Recurrent(nn.Module):
-    def __init__(self, core, head_in):
-        super().__init__()
-        self.core = core
-        self.head = nn.Linear(head_in, 2)
-
-    def forward(self, x):
-        out, _ = self.core(x)
-        return self.head(out)
-
-
 def test_two_layer_lstm_batch_first():
     H = 4
     model = Recurrent(nn.LSTM(3, H, num_layers=2, batch_first=True), H)
@@ -143,15 +124,6 @@ def test_lstm_projection_keys():
     assert key(im, "core.weight_ih_l1", (3, 0)) == ({"core.l0.proj[0]"}, {"core.l1[3]", "core.l1.gate[0]"})
     assert key(im, "head.weight", (1, 1)) == ({"core.l1.proj[1]"}, {"head[1]"})
     assert names(im.labels_of("core.weight_hr_l1")) == ALL
-
-
-class WithState(nn.Module):
-    def __init__(self, core):
-        super().__init__()
-        self.core = core
-
-    def forward(self, x, h0):
-        return self.core(x, h0)[0]
 
 
 def test_gru_gates_and_initial_state():
@@ -265,24 +237,6 @@ def test_learned_initial_state():
 
 
 # attention -------------------------------------------------------------------------------
-class Block(nn.Module):
-    """A pre-norm transformer block on the residual stream."""
-
-    def __init__(self, d=4, heads=2, need_weights=False):
-        super().__init__()
-        self.inp = nn.Linear(3, d)
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(d, 8), nn.GELU(), nn.Linear(8, d))
-        self.need_weights = need_weights
-
-    def forward(self, x):
-        x = self.inp(x)
-        h = self.ln1(x)
-        x = x + self.attn(h, h, h, need_weights=self.need_weights)[0]
-        return x + self.mlp(self.ln2(x))
-
-
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_transformer_block(need_weights):
     D = 4
@@ -299,22 +253,6 @@ def test_transformer_block(need_weights):
         assert [(l.kind, l.index) for l in meets] == [("unit", 2 * D + 3)]
         assert next(iter(meets)).group.startswith("attn.in_proj")
         assert names(aligned) == {"attn.out_proj[1]"}
-
-
-class Causal(nn.Module):
-    """Causal self-attention over a sequence whose positions carry the labels."""
-
-    def __init__(self, T, d=4, heads=2):
-        super().__init__()
-        self.proj = nn.Linear(3, 3 * d)
-        self.scale = nn.Parameter(torch.randn(T, 1))
-        self.heads = heads
-
-    def forward(self, x):
-        B, T, _ = x.shape
-        q, k, v = self.proj(x).reshape(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)     # [B, heads, T, e]
-        return out.transpose(1, 2).reshape(B, T, -1) * self.scale
 
 
 def test_causal_sdpa_prefixes():
