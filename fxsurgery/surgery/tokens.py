@@ -69,8 +69,6 @@ class LabelSpace:
         self.removed = frozenset(old_set - new_set)
         self.categories = frozenset(t for t in self._categories if t in old_set or t in new_set)
         self.removed_data = frozenset(self.removed - self.categories)
-        self._sets: dict[str, dict[int, frozenset]] = {"old": {}, "new": {}}
-        self._tset_of: dict[str, dict[int, int]] = {"old": {}, "new": {}}
         self._tset_ids: dict[frozenset, int] = {}
         self.tset_tokens: list[frozenset] = []
         self.tset_flags: list[tuple] = []
@@ -200,12 +198,8 @@ class LabelSpace:
         return self._intern(("u", group, index), Label("unit", group, str(index), index))
 
     def tokens(self, side: str, set_id: int) -> frozenset:
-        memo = self._sets[side]
-        s = memo.get(set_id)
-        if s is None:
-            lt = self.label_tokens[side]
-            s = memo[set_id] = frozenset(lt[i] for i in self.pools[side].sets[set_id])
-        return s
+        """The tokens of one set id of one side."""
+        return self.tset_tokens[self.tset(side, set_id)]
 
     def _token_sets(self, side: str, set_ids: list[int]) -> list[frozenset]:
         """The token sets of many set ids, their members gathered in one call (a vocabulary's
@@ -223,10 +217,11 @@ class LabelSpace:
     # token sets: label sets of either side, numbered once -------------------------------
     def tset(self, side: str, set_id: int) -> int:
         """The number of the token set of a set id (equal sets of both sides: equal numbers)."""
-        memo = self._tset_of[side]
-        t = memo.get(set_id)
-        if t is None:
-            t = memo[set_id] = self.intern_tset(self.tokens(side, set_id))
+        memo = self._set_memo(side)   # the one memo, shared with `translate`
+        t = int(memo[set_id])
+        if t < 0:
+            t = self.intern_tset(self._token_sets(side, [set_id])[0])
+            memo[set_id] = t
         return t
 
     def intern_tset(self, toks: frozenset) -> int:
