@@ -1,4 +1,5 @@
-"""Python's cyclic garbage collector paused around bulk work.
+"""Python's cyclic garbage collector paused around bulk work (a context manager, also usable
+as a decorator: `@gc_paused()`).
 
 Mapping and planning a large model make hundreds of thousands of small objects (frozensets of
 tokens, Labels, dict entries) that are all kept; each allocation burst triggers a collection
@@ -23,13 +24,3 @@ def gc_paused():
         if was:
             gc.enable()
 
-
-def paused(fn):
-    """`fn` run with the collector paused (a decorator)."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with gc_paused():
-            return fn(*args, **kwargs)
-    return wrapper

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-__all__ = ["one_thread", "single_threaded", "unique", "unique_values", "map_distinct", "sort", "argsort", "searchsorted", "isin"]
+__all__ = ["one_thread", "unique", "unique_values", "map_distinct", "sort", "argsort", "searchsorted", "isin"]
 
 
 @contextmanager
@@ -28,18 +28,6 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
-
-
-def single_threaded(fn):
-    """`fn` run on one thread (a decorator): calls nested in it find one thread and leave the
-    pool alone, where switching it per call cost about a millisecond each time."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with one_thread():
-            return fn(*args, **kwargs)
-    return wrapper
 
 
 def unique(t: torch.Tensor, dim=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 import torch
 
-from ._sort import one_thread, single_threaded, sort, unique, unique_values
+from ._sort import one_thread, sort, unique, unique_values
 from ._table import Buffer, Table, gather_segments, set_hash, set_hash_py
 
 __all__ = ["SetPool", "EMPTY", "KINDS"]
@@ -41,7 +41,7 @@ KINDS = ("feature", "category", "input", "unit")
 
 # Every batch here is sorted, searched and scattered: on torch's intra-op pool under load a
 # call on a few hundred ids was measured at 20 ms against 50 us on one thread (_sort).
-_one_thread = single_threaded
+_one_thread = one_thread()   # as a decorator: a fresh context per call
 
 
 @functools.cache

@@ -15,8 +15,8 @@ from typing import Callable, Mapping
 import torch
 
 from ..capture import Traced, trace
-from .._gc import paused
-from .._sort import single_threaded
+from .._gc import gc_paused
+from .._sort import one_thread
 from ..interaction_map import current_map, interaction_map
 from ..progress import check as check_progress, counted, steps
 from ..tied import tied_names
@@ -249,8 +249,8 @@ def _non_persistent(model: torch.nn.Module) -> set[str]:
             for b in getattr(mod, "_non_persistent_buffers_set", ())}
 
 
-@paused
-@single_threaded
+@gc_paused()
+@one_thread()   # a context manager made by contextmanager decorates too, afresh per call
 def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
          units: Mapping[str, list] | None = None, strict: bool = False,
          new_categories: str = "zero", *, progress=None, old_map=None) -> SurgeryPlan:
