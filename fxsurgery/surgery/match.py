@@ -234,17 +234,30 @@ def _blocks(n: int, terms) -> list[tuple]:
 
 
 def _universal(space: LabelSpace, s: _Side) -> frozenset:
-    """Labels held by every element: the shared set and what every position of a block holds."""
+    """Labels held by every element: the shared set and what every position of a block holds.
+
+    The shared set is returned as it is when no block adds to it: past a norm it is the whole
+    residual stream (thousands of labels a layer), and copying it per parameter made planning
+    quadratic in depth."""
     sets = space.tset_tokens
-    out = set(sets[s.shared])
+    shared = sets[s.shared]
+    more = set()
     for uniq in s.uniq:
         common = None
         for t in uniq:
             common = set(sets[t]) if common is None else common & sets[t]
             if not common:
                 break
-        out |= common or set()
-    return frozenset(out)
+        if common:
+            more |= common
+    more -= shared
+    return shared | more if more else shared
+
+
+def _minus(a: frozenset, b: frozenset) -> frozenset:
+    """a - b, free when both sides hold the same token set (the same object: token sets are
+    interned), which is the common case of an unchanged residual stream."""
+    return frozenset() if a is b else a - b
 
 
 def _home(space: LabelSpace, s: _Side, label: int):
@@ -325,18 +338,15 @@ def match(space: LabelSpace, new_shape, new_meets: Terms | None, new_aligned: Te
     if has_old:
         same = True
         for which, (u_o, u_n, s_o, s_n) in {"m": (u_om, u_nm, om, nm), "a": (u_oa, u_na, oa, na)}.items():
-            keep_o, keep_n = set(u_o), set(u_n)
-            for lab in u_o - u_n:
-                k = _home(space, s_n, lab)
-                if k is not None:
-                    extra[("old", which)].setdefault(k, set()).add(lab)
-                    keep_o.discard(lab)
-            for lab in u_n - u_o:
-                k = _home(space, s_o, lab)
-                if k is not None:
-                    extra[("new", which)].setdefault(k, set()).add(lab)
-                    keep_n.discard(lab)
-            same = same and keep_o == keep_n
+            only_o, only_n = _minus(u_o, u_n), _minus(u_n, u_o)
+            moved_o = {lab for lab in only_o if _home(space, s_n, lab) is not None}
+            moved_n = {lab for lab in only_n if _home(space, s_o, lab) is not None}
+            for lab in moved_o:
+                extra[("old", which)].setdefault(_home(space, s_n, lab), set()).add(lab)
+            for lab in moved_n:
+                extra[("new", which)].setdefault(_home(space, s_o, lab), set()).add(lab)
+            # What stays universal is the same on both sides iff nothing else differs.
+            same = same and only_o == moved_o and only_n == moved_n
         if not same:
             m.copy = False  # some label is held by every element on one side only: no key is shared
     else:
@@ -349,9 +359,10 @@ def match(space: LabelSpace, new_shape, new_meets: Terms | None, new_aligned: Te
     m.category_all = m.zero_all and (u_nm & new_only) <= space.categories
     new_met, new_aligned_l, removed_l = set(u_nm & new_only), set(u_na & new_only), set()
     if has_old:
-        m.removed_all = bool((u_om | u_oa) & removed)
+        gone = (u_om & removed) | (u_oa & removed)   # not (u_om | u_oa) & removed: a copy of both
+        m.removed_all = bool(gone)
         m.removed_data_all = bool(u_om & space.removed_data)
-        removed_l |= (u_om | u_oa) & removed
+        removed_l |= gone
         removed_met_l = set(u_om & removed)
     else:
         removed_met_l = set()
@@ -400,14 +411,10 @@ def match(space: LabelSpace, new_shape, new_meets: Terms | None, new_aligned: Te
 
 
 def _stripped(space: LabelSpace, tsets: torch.Tensor, universal: frozenset, extra: frozenset) -> torch.Tensor:
-    """Each token set of `tsets` without the labels every element holds, with `extra` added
-    (computed once per distinct set: a vocabulary axis has a hundred thousand)."""
+    """Each token set of `tsets` without the labels every element holds, with `extra` added."""
     if not universal and not extra:
         return tsets
-    uniq, inverse = unique(tsets)
-    sets, intern = space.tset_tokens, space.intern_tset
-    out = [intern((sets[t] - universal) | extra) for t in uniq.tolist()]
-    return torch.tensor(out, dtype=torch.int64)[inverse.reshape(-1)].reshape(tsets.shape)
+    return space.stripped(tsets, universal, extra)
 
 
 def _ambiguity(axes, old_shape, new_shape) -> str:

@@ -13,6 +13,7 @@ import bisect
 import torch
 
 from ..labels import Label
+from ..setpool import SetPool
 from .._sort import isin, unique
 from .renames import rename_prefix
 from .splits import digits
@@ -69,10 +70,16 @@ class LabelSpace:
         self.removed = frozenset(old_set - new_set)
         self.categories = frozenset(t for t in self._categories if t in old_set or t in new_set)
         self.removed_data = frozenset(self.removed - self.categories)
-        self._tset_ids: dict[frozenset, int] = {}
-        self.tset_tokens: list[frozenset] = []
-        self.tset_flags: list[tuple] = []
-        self.intern_tset(frozenset())  # number 0: the empty set
+        # Token sets are interned in a pool of their own whose labels are the tokens: its set
+        # ids are the token-set numbers (0 the empty set, 1 + t the set {t}), whole batches are
+        # interned in tensor code, and a frozenset exists only for a set someone looks into
+        # (a 32-layer decoder's keys hold millions of sets; one Python object each was most of
+        # a plan).
+        self._tpool = SetPool()
+        self._tpool.label_range("unit", "token", self._n_tokens)
+        self.tset_tokens = self._tpool.sets     # number -> frozenset of tokens, made on demand
+        self._flag_t = torch.zeros((0, 4), dtype=torch.int8)   # per number: flags, -1 unknown
+        self._strip_masks: dict[frozenset, torch.Tensor] = {}
 
     # tokens ---------------------------------------------------------------------------
     def _intern(self, key: tuple, label: Label) -> int:
@@ -201,59 +208,59 @@ class LabelSpace:
         """The tokens of one set id of one side."""
         return self.tset_tokens[self.tset(side, set_id)]
 
-    def _token_sets(self, side: str, set_ids: list[int]) -> list[frozenset]:
-        """The token sets of many set ids, their members gathered in one call (a vocabulary's
-        worth of singleton sets, one Python read each, was most of a plan's time)."""
-        members, seg = self.pools[side].members(torch.tensor(set_ids, dtype=torch.int64))
-        lt = self.label_tokens[side]
-        toks = list(map(lt.__getitem__, members.tolist()))
-        ends = torch.cumsum(torch.bincount(seg, minlength=len(set_ids)), 0).tolist()
-        out, start = [], 0
-        for end in ends:
-            out.append(frozenset(toks[start:end]))
-            start = end
-        return out
-
     # token sets: label sets of either side, numbered once -------------------------------
     def tset(self, side: str, set_id: int) -> int:
         """The number of the token set of a set id (equal sets of both sides: equal numbers)."""
         memo = self._set_memo(side)   # the one memo, shared with `translate`
         t = int(memo[set_id])
         if t < 0:
-            t = self.intern_tset(self._token_sets(side, [set_id])[0])
-            memo[set_id] = t
+            t = self.translate(side, torch.tensor([set_id], dtype=torch.int64))[1][0]
         return t
 
-    def intern_tset(self, toks: frozenset) -> int:
-        t = self._tset_ids.get(toks)
-        if t is None:
-            t = self._tset_ids[toks] = len(self.tset_tokens)
-            self.tset_tokens.append(toks)
-            new = toks & self.new_only
-            gone = toks & self.removed
-            self.tset_flags.append((bool(new), bool(new) and new <= self.categories, bool(gone),
-                                    bool(gone & self.removed_data)))
-        return t
+    def intern_tset(self, toks) -> int:
+        """The number of a set of tokens (any iterable)."""
+        return self._tpool.intern(toks)
 
     def translate(self, side: str, ids: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """Token-set numbers of an id tensor (same shape), and the distinct numbers found."""
         uniq, inverse = unique(ids)
         memo = self._set_memo(side)
-        got = memo[uniq]
+        got = memo.index_select(0, uniq)
         miss = got < 0
         if bool(miss.any()):
-            todo = uniq[miss]
-            pool = self.pools[side]
-            single = pool.sizes(todo) == 1
-            if bool(single.any()):   # a vocabulary's rows: one token each, numbered in tensor code
-                ones = todo[single]
-                memo[ones] = self._singleton_tsets(self.token_ids(side)[pool.members(ones)[0]])
-            rest = todo[~single].tolist()
-            if rest:
-                memo[torch.tensor(rest, dtype=torch.int64)] = torch.tensor(
-                    list(map(self.intern_tset, self._token_sets(side, rest))), dtype=torch.int64)
-            got = memo[uniq]
-        return got[inverse.reshape(-1)].reshape(inverse.shape), got.tolist()
+            todo = uniq.masked_select(miss)
+            members, seg = self.pools[side].members(todo)
+            toks = self.token_ids(side).index_select(0, members)
+            memo.index_copy_(0, todo, self._tpool.intern_segments(toks, seg, todo.numel()))
+            got = memo.index_select(0, uniq)
+        return got.index_select(0, inverse.reshape(-1)).reshape(inverse.shape), got.tolist()
+
+    def stripped(self, tsets: torch.Tensor, universal: frozenset, extra: frozenset) -> torch.Tensor:
+        """Each token set of `tsets` without the tokens of `universal`, with those of `extra`
+        added, in tensor code (a vocabulary axis has a hundred thousand distinct sets)."""
+        uniq, inverse = unique(tsets)
+        members, seg = self._tpool.members(uniq)
+        if universal:
+            keep = ~self._mask_of(universal).index_select(0, members)
+            members, seg = members.masked_select(keep), seg.masked_select(keep)
+        if extra:
+            more = torch.tensor(sorted(extra), dtype=torch.int64)
+            members = torch.cat([members, more.repeat(uniq.numel())])
+            seg = torch.cat([seg, torch.arange(uniq.numel()).repeat_interleave(more.numel())])
+        out = self._tpool.intern_segments(members, seg, uniq.numel())
+        return out.index_select(0, inverse.reshape(-1)).reshape(tsets.shape)
+
+    def _mask_of(self, toks: frozenset) -> torch.Tensor:
+        """Per token: is it in `toks` (the last few asked for are kept: the labels every element
+        of a parameter holds are the same residual stream for a layer's q, k and v)."""
+        m = self._strip_masks.get(toks)
+        if m is None:
+            m = torch.zeros(self._n_tokens, dtype=torch.bool)
+            m[torch.tensor(sorted(toks), dtype=torch.int64)] = True
+            if len(self._strip_masks) >= 4:
+                self._strip_masks.pop(next(iter(self._strip_masks)))
+            self._strip_masks[toks] = m
+        return m
 
     def _set_memo(self, side: str) -> torch.Tensor:
         """Per set id of one side: its token-set number, -1 until asked (grown with the pool)."""
@@ -266,38 +273,39 @@ class LabelSpace:
             memo = self._memo_t[side] = grown
         return memo
 
-    def _singleton_tsets(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The token-set number of {t} for each token t."""
-        n = self._n_tokens
-        if self._single_t is None:
-            self._single_t = torch.full((n,), -1, dtype=torch.int64)
-        got = self._single_t[tokens]
-        miss = got < 0
+    def _flags_of(self, tsets: torch.Tensor) -> torch.Tensor:
+        """Per token-set number: (holds a new label, ... and all of them categories, holds a
+        removed label, holds a removed feature, input or unit), computed once per number."""
+        n = self._tpool.n_sets
+        if self._flag_t.shape[0] < n:
+            grown = torch.full((n, 4), -1, dtype=torch.int8)
+            grown[:self._flag_t.shape[0]] = self._flag_t
+            self._flag_t = grown
+        got = self._flag_t.index_select(0, tsets)
+        miss = got[:, 0] < 0
         if bool(miss.any()):
-            new = unique(tokens[miss])[0]
-            known = [self._tset_ids.get(frozenset((t,)), -1) for t in new.tolist()]
-            self._single_t[new] = torch.tensor(known, dtype=torch.int64)
-            fresh = new[self._single_t[new] < 0]
-            if fresh.numel():   # numbered in one batch, their flags read off the token masks
-                first = len(self.tset_tokens)
-                numbers = list(range(first, first + fresh.numel()))
-                sets = [frozenset((t,)) for t in fresh.tolist()]
-                self.tset_tokens.extend(sets)
-                self._tset_ids.update(zip(sets, numbers))
-                new_f = self.token_mask("new_only")[fresh].tolist()
-                cat_f = self.token_mask("categories")[fresh].tolist()
-                gone_f = self.token_mask("removed")[fresh].tolist()
-                data_f = self.token_mask("removed_data")[fresh].tolist()
-                self.tset_flags.extend(zip(new_f, [a and b for a, b in zip(new_f, cat_f)], gone_f,
-                                           [a and b for a, b in zip(gone_f, data_f)]))
-                self._single_t[fresh] = torch.tensor(numbers, dtype=torch.int64)
-            got = self._single_t[tokens]
-        return got
+            todo = unique(tsets.masked_select(miss))[0]
+            members, seg = self._tpool.members(todo)
+            k = todo.numel()
+
+            def count(mask):
+                return torch.zeros(k, dtype=torch.int64).index_add_(
+                    0, seg, mask.index_select(0, members).to(torch.int64))
+
+            new = count(self.token_mask("new_only")) > 0
+            new_other = count(self.token_mask("new_only") & ~self.token_mask("categories")) > 0
+            gone = count(self.token_mask("removed")) > 0
+            gone_data = count(self.token_mask("removed_data")) > 0
+            self._flag_t.index_copy_(0, todo, torch.stack([new, new & ~new_other, gone, gone_data], 1).to(torch.int8))
+            got = self._flag_t.index_select(0, tsets)
+        return got.bool()
 
     def hits(self, tsets: list[int], which: int) -> list[int]:
         """The token sets of `tsets` whose flag `which` is set (see `flags`)."""
-        f = self.tset_flags
-        return [t for t in tsets if f[t][which]]
+        if not tsets:
+            return []
+        t = torch.tensor(tsets, dtype=torch.int64)
+        return t.masked_select(self._flags_of(t)[:, which]).tolist()
 
     def flags(self, tsets: torch.Tensor, uniq: list[int], which: int) -> torch.Tensor:
         """A flag of each token set of `tsets` (whose distinct values are `uniq`): 0 holds a new
