@@ -172,6 +172,20 @@ def test_membership_searches_runs_of_every_length():
     assert grid.tolist() == [[m in refs[k] for m in range(3)] for k in range(4)]
 
 
+@pytest.mark.parametrize("mask_run", [4096, 10 ** 9])   # a large run read as a mask / searched
+def test_membership_in_one_large_set(monkeypatch, mask_run):
+    import fxsurgery.setpool as setpool
+    monkeypatch.setattr(setpool, "_MASK_RUN", mask_run)
+    rng = random.Random(7)
+    pool = SetPool()
+    pool.label_range("unit", "h", 20000)
+    big = frozenset(rng.sample(range(20000), 6000))
+    sid = pool.intern(big)
+    q = torch.tensor([rng.randrange(20000) for _ in range(5000)] + sorted(big)[:50] + [max(big), 19999, 0])
+    got = pool.contains(torch.full_like(q, sid), q)
+    assert got.tolist() == [int(m) in big for m in q]
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
 def test_distinct_values_equal_torch_unique(dtype):
     # numpy's sort, or one pass when the values arrive sorted: the same values and inverse

@@ -214,14 +214,14 @@ class LabelSpace:
         memo = self._set_memo(side)   # the one memo, shared with `translate`
         t = int(memo[set_id])
         if t < 0:
-            t = self.translate(side, torch.tensor([set_id], dtype=torch.int64))[1][0]
+            t = int(self.translate(side, torch.tensor([set_id], dtype=torch.int64))[1][0])
         return t
 
     def intern_tset(self, toks) -> int:
         """The number of a set of tokens (any iterable)."""
         return self._tpool.intern(toks)
 
-    def translate(self, side: str, ids: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    def translate(self, side: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-set numbers of an id tensor (same shape), and the distinct numbers found."""
         uniq, inverse = unique(ids)
         memo = self._set_memo(side)
@@ -233,7 +233,7 @@ class LabelSpace:
             toks = self.token_ids(side).index_select(0, members)
             memo.index_copy_(0, todo, self._tpool.intern_segments(toks, seg, todo.numel()))
             got = memo.index_select(0, uniq)
-        return got.index_select(0, inverse.reshape(-1)).reshape(inverse.shape), got.tolist()
+        return got.index_select(0, inverse.reshape(-1)).reshape(inverse.shape), got
 
     def stripped(self, tsets: torch.Tensor, universal: frozenset, extra: frozenset) -> torch.Tensor:
         """Each token set of `tsets` without the tokens of `universal`, with those of `extra`
@@ -256,7 +256,7 @@ class LabelSpace:
         m = self._strip_masks.get(toks)
         if m is None:
             m = torch.zeros(self._n_tokens, dtype=torch.bool)
-            m[torch.tensor(sorted(toks), dtype=torch.int64)] = True
+            m.index_fill_(0, torch.tensor(list(toks), dtype=torch.int64), True)   # any order
             if len(self._strip_masks) >= 4:
                 self._strip_masks.pop(next(iter(self._strip_masks)))
             self._strip_masks[toks] = m
@@ -277,8 +277,8 @@ class LabelSpace:
         """Per token-set number: (holds a new label, ... and all of them categories, holds a
         removed label, holds a removed feature, input or unit), computed once per number."""
         n = self._tpool.n_sets
-        if self._flag_t.shape[0] < n:
-            grown = torch.full((n, 4), -1, dtype=torch.int8)
+        if self._flag_t.shape[0] < n:   # grown by half at least: the pool grows per parameter
+            grown = torch.full((max(n, self._flag_t.shape[0] * 3 // 2), 4), -1, dtype=torch.int8)
             grown[:self._flag_t.shape[0]] = self._flag_t
             self._flag_t = grown
         got = self._flag_t.index_select(0, tsets)
@@ -300,14 +300,13 @@ class LabelSpace:
             got = self._flag_t.index_select(0, tsets)
         return got.bool()
 
-    def hits(self, tsets: list[int], which: int) -> list[int]:
-        """The token sets of `tsets` whose flag `which` is set (see `flags`)."""
-        if not tsets:
+    def hits(self, tsets: torch.Tensor, which: int) -> list[int]:
+        """The token sets of `tsets` (distinct numbers) whose flag `which` is set (see `flags`)."""
+        if not tsets.numel():
             return []
-        t = torch.tensor(tsets, dtype=torch.int64)
-        return t.masked_select(self._flags_of(t)[:, which]).tolist()
+        return tsets.masked_select(self._flags_of(tsets)[:, which]).tolist()
 
-    def flags(self, tsets: torch.Tensor, uniq: list[int], which: int) -> torch.Tensor:
+    def flags(self, tsets: torch.Tensor, uniq: torch.Tensor, which: int) -> torch.Tensor:
         """A flag of each token set of `tsets` (whose distinct values are `uniq`): 0 holds a new
         label, 1 ... and all of them categories, 2 holds a removed label, 3 holds a removed
         feature, input or unit."""
