@@ -137,6 +137,11 @@ class SetPool:
         self._offsets = Buffer()
         self._offsets.append(torch.zeros(1, dtype=torch.int64))
         self._offsets.append(torch.zeros(1, dtype=torch.int64))  # set 0: the empty set
+        # Per set id: its two hashes (set_hash), kept so that the union of two sets that do not
+        # overlap is hashed from theirs, without reading their members (the hash is a sum).
+        self._hash1, self._hash2 = Buffer(), Buffer()
+        self._hash1.append(torch.zeros(1, dtype=torch.int64))
+        self._hash2.append(torch.zeros(1, dtype=torch.int64))
         self._index = Buffer()                   # per label id: its Label.index
         self._sets = Table()                     # (hash1, hash2) -> set id, sets of 2+ labels
         self._unions = Table()                   # (smaller id, larger id) -> id of their union
@@ -180,6 +185,9 @@ class SetPool:
         self._singleton.append(singles)
         self._members.append(ids)
         self._offsets.append(torch.arange(1, n + 1, dtype=torch.int64) + self._offsets.data[self.n_sets])
+        h1, h2 = set_hash(ids, torch.arange(n), n)
+        self._hash1.append(h1)
+        self._hash2.append(h2)
         return start
 
     def ranges(self, kind: str, group: str) -> list[_Range]:
@@ -353,6 +361,8 @@ class SetPool:
             self._members.append(members)
             self._offsets.append(torch.cumsum(counts, 0) + self._offsets.data[self.n_sets])
             n1, n2 = u1.index_select(0, new), u2.index_select(0, new)
+            self._hash1.append(n1)
+            self._hash2.append(n2)
             self._sets.put(n1, n2, assigned)
             self._sets_top_label = max(self._sets_top_label, int(members.max()))
             if new.numel() <= MIRROR:
@@ -390,6 +400,8 @@ class SetPool:
             self._members.append(members)
             self._offsets.append(torch.cumsum(counts, 0) + self._offsets.data[self.n_sets])
             k = torch.tensor([key for key, _ in new_keys], dtype=torch.int64)
+            self._hash1.append(k[:, 0])
+            self._hash2.append(k[:, 1])
             self._sets.put(k[:, 0], k[:, 1], assigned)
             self._sets_top_label = max(self._sets_top_label, int(members.max()))
             self._sets_py.update(new)
@@ -455,6 +467,9 @@ class SetPool:
         got = self._subset_union(a, b)
         rest = torch.nonzero(got < 0).reshape(-1)
         if rest.numel():
+            self._disjoint_union(a, b, got, rest)
+            rest = torch.nonzero(got < 0).reshape(-1)
+        if rest.numel():
             # Each pair's two sets side by side: when one's labels all precede the other's (two
             # axes united unit by unit) the members arrive sorted and need no sort (_sort.unique).
             pair = torch.stack([a.index_select(0, rest), b.index_select(0, rest)], 1).reshape(-1)
@@ -463,6 +478,27 @@ class SetPool:
         self._unions.put(a, b, got)
         self._unions_top = max(self._unions_top, int(b.max()))
         return got
+
+    def _disjoint_union(self, a: torch.Tensor, b: torch.Tensor, got: torch.Tensor, rest: torch.Tensor) -> None:
+        """Fills got[rest] for the pairs whose two sets do not overlap and lie in order, all of
+        one's labels before the other's (a residual stream gaining a layer's units): their
+        union is the two runs end to end, already sorted, and its hashes are the sums of theirs,
+        so that nothing is sorted or hashed per member."""
+        off, flat = self._offsets.data, self._members.data
+        a, b = a.index_select(0, rest), b.index_select(0, rest)
+        a_last, b_last = flat.index_select(0, off.index_select(0, a + 1) - 1), flat.index_select(0, off.index_select(0, b + 1) - 1)
+        a_first, b_first = flat.index_select(0, off.index_select(0, a)), flat.index_select(0, off.index_select(0, b))
+        a_before = a_last < b_first
+        ordered = torch.nonzero(a_before | (b_last < a_first)).reshape(-1)
+        if not ordered.numel():
+            return
+        first = torch.where(a_before, a, b).index_select(0, ordered)
+        second = torch.where(a_before, b, a).index_select(0, ordered)
+        h1 = self._hash1.data.index_select(0, first) + self._hash1.data.index_select(0, second)
+        h2 = self._hash2.data.index_select(0, first) + self._hash2.data.index_select(0, second)
+        m, seg = self.members(torch.stack([first, second], 1).reshape(-1))
+        ids = self._intern_hashed(h1, h2, m, seg >> 1, torch.arange(ordered.numel()))
+        got.index_copy_(0, rest.index_select(0, ordered), ids)
 
     @staticmethod
     def _lookup(table: Table, k1: torch.Tensor, k2: torch.Tensor, top: torch.Tensor, table_top: int) -> torch.Tensor:

@@ -172,6 +172,28 @@ def test_membership_searches_runs_of_every_length():
     assert grid.tolist() == [[m in refs[k] for m in range(3)] for k in range(4)]
 
 
+def test_unions_of_sets_in_order_are_hashed_from_theirs():
+    """Pairs whose labels lie one set before the other (a stream gaining a layer's units) are
+    united end to end with summed hashes: same ids as interning the union, stored hashes equal
+    to the members' hash for every set however it was made."""
+    from fxsurgery._table import set_hash
+    rng = random.Random(8)
+    pool = SetPool()
+    pool.label_range("unit", "h", 4000)
+    lows = [frozenset(rng.sample(range(2000), rng.randint(1, 9))) for _ in range(300)]
+    highs = [frozenset(rng.sample(range(2000, 4000), rng.randint(1, 9))) for _ in range(300)]
+    a = torch.tensor([pool.intern(x) for x in lows])
+    b = torch.tensor([pool.intern(x) for x in highs])
+    got = pool.union_pairs(torch.cat([a, b[:150]]), torch.cat([b, a[:150]]))   # both orders
+    want = [lo | hi for lo, hi in zip(lows, highs)] + [lo | hi for lo, hi in zip(lows[:150], highs[:150])]
+    assert [pool.sets[i] for i in got.tolist()] == want
+    assert [pool.intern(x) for x in want] == got.tolist()     # one id per set, whatever the path
+    n = pool.n_sets
+    m, seg = pool.members(torch.arange(n))
+    h1, h2 = set_hash(m, seg, n)
+    assert torch.equal(pool._hash1.view(), h1) and torch.equal(pool._hash2.view(), h2)
+
+
 @pytest.mark.parametrize("mask_run", [4096, 10 ** 9])   # a large run read as a mask / searched
 def test_membership_in_one_large_set(monkeypatch, mask_run):
     import fxsurgery.setpool as setpool
