@@ -130,6 +130,8 @@ class SetPool:
         self._ranges: list[_Range] = []
         self._starts: list[int] = []
         self._by_group: dict[tuple[str, str], list[int]] = {}
+        self._class_of_range: torch.Tensor | None = None   # class_ids' tables, made on first use
+        self._starts_t: torch.Tensor | None = None
         self.n_labels = 0
         self._kind = Buffer(torch.int8)          # per label id: index into KINDS
         self._singleton = Buffer()               # per label id: its singleton set id
@@ -255,6 +257,22 @@ class SetPool:
             if 0 <= k < r.n and (r.names[k] if r.names is not None else str(label.index)) == label.name:
                 return r.start + k
         return None
+
+    def class_ids(self, label_ids: torch.Tensor) -> torch.Tensor:
+        """The class of each label id, as a position in `class_keys()`: a class is the (kind,
+        group) of a range (a hidden axis, an input's features, a vocabulary)."""
+        keys = self.class_keys()
+        if self._class_of_range is None or self._class_of_range.numel() != len(self._ranges):
+            number = {k: i for i, k in enumerate(keys)}
+            self._class_of_range = torch.tensor([number[(r.kind, r.group)] for r in self._ranges], dtype=torch.int64)
+            self._starts_t = torch.tensor(self._starts, dtype=torch.int64)
+        flat = label_ids.reshape(-1)
+        where = torch.searchsorted(self._starts_t, flat, right=True) - 1
+        return self._class_of_range.index_select(0, where).reshape(label_ids.shape)
+
+    def class_keys(self) -> list[tuple[str, str]]:
+        """Every (kind, group) of the pool, in the order its first range was made."""
+        return list(self._by_group)
 
     def kinds(self, label_ids: torch.Tensor) -> torch.Tensor:
         """Index into KINDS of each label id."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._sort import map_distinct, unique_values
+from .._sort import isin, map_distinct, unique, unique_values
 from ..labels import EMPTY
 
 __all__ = ["Order", "SizingError", "ClassKey", "Component", "Layout", "Sizer"]
@@ -95,16 +95,6 @@ class Sizer:
         self._members: dict[int, frozenset] = {}
 
     # label sets restricted to one class -----------------------------------------------
-    def _restricted_id(self, set_id: int, cls) -> int:
-        key = (set_id, cls)
-        r = self._restrict.get(key)
-        if r is None:
-            labels = self.pool.labels
-            classes = cls.classes if isinstance(cls, Component) else (cls,)
-            keep = [i for i in self.pool.sets[set_id] if (labels[i].kind, labels[i].group) in classes]
-            r = self._restrict[key] = self.pool.intern(keep) if keep else EMPTY
-        return r
-
     def _member_set(self, set_id: int, cls=None) -> frozenset:
         """The members of a restricted set: label indices, or, for a component, the members of
         its root class they stand for."""
@@ -123,16 +113,30 @@ class Sizer:
         return cls.size if isinstance(cls, Component) else self.class_size.get(cls, 0)
 
     def restrict(self, ids: torch.Tensor, cls: ClassKey) -> torch.Tensor:
-        return map_distinct(ids, lambda sid: self._restricted_id(sid, cls))
+        """Each set of `ids` restricted to the labels of a class (or a component's classes),
+        in tensor code: members gathered, filtered by class and interned as one batch (a
+        policy's 16,000 features made a Label per member per set)."""
+        classes = cls.classes if isinstance(cls, Component) else (cls,)
+        uniq, inverse = unique(ids)
+        todo = [(k, i) for k, i in enumerate(uniq.tolist()) if (i, cls) not in self._restrict]
+        if todo:
+            sids = torch.tensor([i for _, i in todo], dtype=torch.int64)
+            members, seg = self.pool.members(sids)
+            keys = self.pool.class_keys()
+            keep = isin(self.pool.class_ids(members), [keys.index(c) for c in classes if c in keys])
+            got = self.pool.intern_segments(members.masked_select(keep), seg.masked_select(keep), sids.numel())
+            self._restrict.update(zip(((i, cls) for _, i in todo), got.tolist()))
+        out = torch.tensor([self._restrict[(i, cls)] for i in uniq.tolist()], dtype=torch.int64)
+        return out.index_select(0, inverse.reshape(-1)).reshape(ids.shape)
 
     def classes_in(self, ids: torch.Tensor) -> set:
-        labels = self.pool.labels
-        out = set()
-        for s in unique_values(ids).tolist():
-            for i in self.pool.sets[int(s)]:
-                if labels[i].kind in ("unit", "feature", "category"):
-                    out.add((labels[i].kind, labels[i].group))
-        return out
+        """The classes (units, features, categories) whose labels some set of `ids` holds."""
+        members, _ = self.pool.members(unique_values(ids.reshape(-1)))
+        if not members.numel():
+            return set()
+        keys = self.pool.class_keys()
+        return {keys[c] for c in unique_values(self.pool.class_ids(members)).tolist()
+                if keys[c][0] in ("unit", "feature", "category")}
 
     # values and parameters --------------------------------------------------------------
     def node_ids(self, node) -> torch.Tensor | None:
