@@ -64,7 +64,7 @@ def test_a_pass_maps_the_old_model_once(monkeypatch):
     def counting(traced, *a, **k):
         seen.append(traced.model)
         return real(traced, *a, **k)
-    monkeypatch.setattr("fxsurgery.passes.core.interaction_map", counting)
+    monkeypatch.setattr("fxsurgery.passes.driver.interaction_map", counting)
     monkeypatch.setattr("fxsurgery.passes.resize.interaction_map", counting)
     monkeypatch.setattr("fxsurgery.surgery.planning.interaction_map", counting)
     gm = fs.passes.add_features(old, "obs", ["e"])

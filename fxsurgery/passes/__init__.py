@@ -8,14 +8,14 @@
 Modules: layouts (which positions of every value hold which members of a label class),
 new_layouts (a new order placed in a layout: the new parts and sizes), new_shapes (every class
 a change drags along and the new shape of every value), new_module (the new GraphModule:
-resized parameters, re-specialised literal shapes, the shape check), core (the path every
+resized parameters, re-specialised literal shapes, the shape check), driver (the path every
 resizing pass shares: trace -> new shapes -> new module -> plan -> apply), resize (features,
 categories, units), identity_layer (a layer inserted as the identity), heads (attention heads
 added), batch (the batch size freed again), infra (the passes as torch.fx pass-infrastructure
 citizens), record (what a pass leaves in gm.meta), arguments (the checks of the passes'
 arguments).
 """
-from .core import PassError, as_traced
+from .driver import PassError, as_traced
 from .arguments import PassTypeError
 from .record import PassRecord
 from .resize import (add_categories, add_features, prune_units, remove_features, reorder_features,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 
-from .core import PassError
+from .driver import PassError
 
 __all__ = ["PassTypeError", "integer", "count", "name", "names", "optional_name", "positions", "choice"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..interaction_map import interaction_map
 from ..nodes import in_module, module_path, packet
 from . import arguments as arg
-from .core import Change, PassError, as_traced, new_inputs, rewrite
+from .driver import Change, PassError, as_traced, new_inputs, rewrite
 from .layouts import Order, Sizer
 
 __all__ = ["add_heads"]

@@ -16,7 +16,7 @@ from .._sort import unique_values
 from ..interaction_map import interaction_map
 from ..nodes import in_module, module_paths
 from . import arguments as arg
-from .core import Change, PassError, as_traced, finish, new_inputs
+from .driver import Change, PassError, as_traced, finish, new_inputs
 from .layouts import Sizer
 from .new_module import build_graph_module
 from .new_shapes import Reach

@@ -51,7 +51,7 @@ from ..capture import Traced, trace
 from ..interaction_map import InteractionMap, interaction_map
 from ..label_tensor import LabelTensor
 from ..propagate import META_KEY
-from .core import META, PassError, as_traced
+from .driver import META, PassError, as_traced
 from .heads import add_heads
 from .identity_layer import insert_identity_layer
 from .record import PassRecord

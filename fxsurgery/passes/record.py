@@ -70,7 +70,7 @@ class PassRecord:
 
 
 def _error(message: str):
-    from .core import PassError      # (core imports this module)
+    from .driver import PassError      # (driver imports this module)
     return PassError(message)
 
 

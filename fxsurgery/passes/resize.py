@@ -13,7 +13,7 @@ from ..labels import Categories, Features
 from ..surgery.planning import NEW_CATEGORIES
 from ..surgery.units import unit_sizes
 from . import arguments as arg
-from .core import Change, PassError, as_traced, new_inputs, rewrite
+from .driver import Change, PassError, as_traced, new_inputs, rewrite
 from .layouts import Order
 
 __all__ = ["add_features", "remove_features", "reorder_features", "add_categories", "widen", "prune_units",
