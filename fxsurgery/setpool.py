@@ -258,14 +258,27 @@ class SetPool:
                 return r.start + k
         return None
 
+    def all_ranges(self) -> list[_Range]:
+        """Every label range, in the order they were made (their label ids ascending)."""
+        return list(self._ranges)
+
+    def ranges_of(self, label_ids: torch.Tensor) -> list[_Range]:
+        """The distinct ranges that `label_ids` fall in, in id order."""
+        self._range_tables()
+        which = unique_values(torch.searchsorted(self._starts_t, label_ids.reshape(-1), right=True) - 1)
+        return [self._ranges[k] for k in which.tolist()]
+
+    def _range_tables(self) -> None:
+        """The tensors `class_ids` and `ranges_of` search, remade when ranges were added."""
+        if self._class_of_range is None or self._class_of_range.numel() != len(self._ranges):
+            number = {k: i for i, k in enumerate(self._by_group)}
+            self._class_of_range = torch.tensor([number[(r.kind, r.group)] for r in self._ranges], dtype=torch.int64)
+            self._starts_t = torch.tensor(self._starts, dtype=torch.int64)
+
     def class_ids(self, label_ids: torch.Tensor) -> torch.Tensor:
         """The class of each label id, as a position in `class_keys()`: a class is the (kind,
         group) of a range (a hidden axis, an input's features, a vocabulary)."""
-        keys = self.class_keys()
-        if self._class_of_range is None or self._class_of_range.numel() != len(self._ranges):
-            number = {k: i for i, k in enumerate(keys)}
-            self._class_of_range = torch.tensor([number[(r.kind, r.group)] for r in self._ranges], dtype=torch.int64)
-            self._starts_t = torch.tensor(self._starts, dtype=torch.int64)
+        self._range_tables()
         flat = label_ids.reshape(-1)
         where = torch.searchsorted(self._starts_t, flat, right=True) - 1
         return self._class_of_range.index_select(0, where).reshape(label_ids.shape)

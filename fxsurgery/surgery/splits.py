@@ -50,16 +50,9 @@ def _units_along(lt, pool, sizes):
     if line.numel() > 1:
         rest = members[1:]
         steps = pool.indices(rest) - first.index - torch.arange(1, line.numel())
-        if bool((steps != 0).any()) or {r.group for r in _ranges_of(pool, rest)} != {first.group}:
+        if bool((steps != 0).any()) or {r.group for r in pool.ranges_of(rest)} != {first.group}:
             return None
     return first.group, first.index, int(line.numel())
-
-
-def _ranges_of(pool, label_ids: torch.Tensor) -> list:
-    """The label ranges that `label_ids` fall in (consecutive units span few ranges)."""
-    starts = torch.tensor(pool._starts, dtype=torch.int64)
-    which = torch.unique(torch.searchsorted(starts, label_ids, right=True) - 1).tolist()
-    return [pool._ranges[k] for k in which]
 
 
 def _inner(lt) -> int | None:

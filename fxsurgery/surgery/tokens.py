@@ -119,7 +119,7 @@ class LabelSpace:
         """The token of every label of a pool, range by range: a plain unit range is arithmetic
         on its group's block, the others are looked up label by label."""
         out: list[int] = []
-        for r in pool._ranges:
+        for r in pool.all_ranges():
             group = r.group if side == "new" or r.kind != "unit" else rename_prefix(r.group, self.rename)
             if r.kind == "unit" and r.names is None and self._plain(group, side):
                 start, size = self._block(group)
