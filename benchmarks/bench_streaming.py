@@ -13,7 +13,8 @@ child's own ru_maxrss), alternating, median of --repeat runs:
 
   copy     the baseline: every shard loaded with `safetensors.torch.load_file` and written with
            `save_file`, one shard at a time: what carrying the bytes over costs.
-  stream   `plan.apply_to_checkpoint(src, dst)` (timed), tqdm off, with the plan made once
+  stream   `plan.apply_to_checkpoint(src, dst)` (timed; it writes on a thread of its own while
+           building the next tensor, where the copy is one thread), tqdm off, with the plan made once
            beforehand in a child of its own (the two models built on the meta device, traced and
            planned: timed and measured apart), of which what streaming reads (the models, each
            parameter's match) is saved with torch.save: the planner's memory (gigabytes on a
@@ -23,8 +24,8 @@ child's own ru_maxrss), alternating, median of --repeat runs:
 Each twice: as above (the output in the page cache, not yet on the disk: what save_file does),
 and fsynced (the copy fsyncs every file and both directories; the stream runs with sync=True,
 as the command line does, so that the checkpoint survives a power loss once it returns). Then
-the ratios stream / copy, page cache against page cache and fsynced against fsynced (target <= 2), and the streaming step's own memory against the
-largest shard + 1 GB (the target): the stream child resets its peak resident memory after
+the ratios stream / copy, page cache against page cache and fsynced against fsynced (target
+<= 2; wall time, and CPU time, which other work on the machine sways less), and the streaming step's own memory against the largest shard + 1 GB (the target): the stream child resets its peak resident memory after
 loading the plan (Linux's /proc/self/clear_refs) and reports how far it rose during
 apply_to_checkpoint. A last child checks the result: the new checkpoint loads strictly into the new
 model (tensors assigned memory-mapped, so the check holds no extra copy), and on old tokens
@@ -59,6 +60,13 @@ def config(layers: int, vocab: int = 32000, intermediate: int = 5632):
 
 OLD_VOCAB, NEW_VOCAB = 32000, 32008
 OLD_UNITS, NEW_UNITS = 5632, 6144
+
+
+def cpu_time() -> float:
+    """User + system CPU seconds of this process, every thread: less swayed than wall time by
+    other work on the machine, and it shows what overlapping buys (CPU above wall)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def peak_rss() -> float:
@@ -137,7 +145,7 @@ def child_copy(args) -> dict:
     (what the command line does) makes it survive a power loss."""
     from safetensors.torch import load_file, save_file
     src, dst = Path(args.path), Path(args.out)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_time()
     dst.mkdir()
     for f in sorted(src.glob("*.safetensors")):
         save_file(load_file(f), dst / f.name, metadata={"format": "pt"})
@@ -148,7 +156,7 @@ def child_copy(args) -> dict:
         _fsync(dst / "model.safetensors.index.json")
         _fsync(dst)
         _fsync(dst.parent)
-    return {"time": time.perf_counter() - t0, "rss": peak_rss()}
+    return {"time": time.perf_counter() - t0, "cpu": cpu_time() - c0, "rss": peak_rss()}
 
 
 def _meta_models(layers: int):
@@ -188,12 +196,12 @@ def child_stream(args) -> dict:
     gc.collect()
     rss_start = _status("VmRSS")
     reset = reset_peak()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_time()
     written = apply_to_checkpoint(plan, args.path, args.out, init=plan.new.model._init_weights, progress=False,
                                   sync=bool(args.sync))
-    t = time.perf_counter() - t0
+    t, cpu = time.perf_counter() - t0, cpu_time() - c0
     hwm = _status("VmHWM") if reset else None
-    return {"time": t, "rss": peak_rss(), "stream_start": rss_start, "stream_peak": hwm,
+    return {"time": t, "cpu": cpu, "rss": peak_rss(), "stream_start": rss_start, "stream_peak": hwm,
             "files": len(written.files), "total": written.total_size}
 
 
@@ -299,6 +307,7 @@ def main() -> None:
                     check = run_child("check", args, path=src, out=out)
                 shutil.rmtree(out)
         t = {k: statistics.median(x["time"] for x in v) for k, v in runs.items()}
+        cpu = {k: statistics.median(x["cpu"] for x in v) for k, v in runs.items()}
         copies, streams = runs["copy", 0] + runs["copy", 1], runs["stream", 0] + runs["stream", 1]
         copy_rss = max(c["rss"] for c in copies)
         stream_rss = max(s["rss"] for s in streams)
@@ -307,6 +316,9 @@ def main() -> None:
         for sync, label in ((0, "time, page cache (s)"), (1, "time, fsynced (s)")):
             print(f"{label:34s}{t['copy', sync]:10.2f}{t['stream', sync]:10.2f}"
                   f"{t['stream', sync] / t['copy', sync]:8.2f}x   target <= 2x; median of {args.repeat}")
+        for sync, label in ((0, "CPU time, page cache (s)"), (1, "CPU time, fsynced (s)")):
+            print(f"{label:34s}{cpu['copy', sync]:10.2f}{cpu['stream', sync]:10.2f}"
+                  f"{cpu['stream', sync] / cpu['copy', sync]:8.2f}x   user + system, all threads")
         print("  (page cache: the files written, not yet on the disk, as save_file leaves them; fsynced: every file and "
               "directory fsynced before returning, the copy as the stream's sync=True, which the command line uses)")
         print(f"{'peak RSS (GB, child)':34s}{copy_rss:10.2f}{stream_rss:10.2f}{stream_rss / copy_rss:8.2f}x"

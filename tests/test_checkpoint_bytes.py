@@ -110,7 +110,8 @@ def test_a_tensor_being_written_is_never_overwritten_by_the_next(meta_plan, tmp_
         real(self, name, value)
     monkeypatch.setattr(ckpt.ShardWriter, "write", slow)
     meta_plan.apply_to_checkpoint(src, tmp_path / "slow", init=_init, init_rows=True)
-    fast, slow_sd = load_file(tmp_path / "fast" / "model.safetensors"), load_file(tmp_path / "slow" / "model.safetensors")
+    fast = load_file(tmp_path / "fast" / "model.safetensors")
+    slow_sd = load_file(tmp_path / "slow" / "model.safetensors")
     assert sorted(fast) == sorted(slow_sd)
     for name in fast:
         assert torch.equal(_bytes(fast[name]), _bytes(slow_sd[name])), name

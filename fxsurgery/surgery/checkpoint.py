@@ -13,12 +13,12 @@ shards with `model.safetensors.index.json`):
 or in one call, `transplant_checkpoint(old, new, old_inputs, new_inputs, old_features,
 new_features, "old_dir", "new_dir")`.
 
-At any time one new tensor is being built (and the one before written): its old tensor is read from the source (see
-`checkpoint_files`), the elements the plan does not copy take the new model's initialisation
-(see `checkpoint_init`; zero where the plan zeros), and the result is written into its output
-shard, whose header was written first, by a thread of its own while the next tensor is built
-(`WriteBehind`: the random draws and index math overlap the kernel's copying). Peak memory is
-a few of the largest tensors, never a shard, never a model.
+At any time one new tensor is being built and the one before it written: its old tensor is
+read from the source (see `checkpoint_files`), the elements the plan does not copy take the
+new model's initialisation (see `checkpoint_init`; zero where the plan zeros), and the result
+is written into its output shard, whose header was written first, by a thread of its own
+while the next tensor is built (`WriteBehind`: the random draws and index math overlap the
+kernel's copying). Peak memory is a few of the largest tensors, never a shard, never a model.
 
 The output is written into a temporary sibling directory of `dst` and renamed into place only
 when every file is complete: a failed or interrupted run leaves no checkpoint at `dst` (and an
@@ -299,7 +299,7 @@ def _value(plan, o: _Out, source: Source, values: ModuleInit, scratch: Scratch, 
         src = FileRange(info.file, info.offset, info.nbytes)
         if m.identity:
             return Parts([src], info.nbytes)
-        chunks = copy_chunks(m, cats, info.shape, o.shape)
+        chunks = copy_chunks(m, cats, info.shape, o.shape, scratch.memo)
         if worth_it(chunks, info.nbytes // max(math.prod(info.shape), 1)):
             with torch.no_grad():
                 dest = _initial(plan, o, values, scratch, rows_ok, slot)

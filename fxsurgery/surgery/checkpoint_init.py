@@ -77,6 +77,7 @@ class Scratch:
 
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
+        self.memo: dict = {}      # index math kept between tensors (checkpoint_ranges.copy_chunks)
 
     def tensor(self, slot: str, shape, dtype: torch.dtype) -> torch.Tensor:
         n = math.prod(shape) * dtype.itemsize

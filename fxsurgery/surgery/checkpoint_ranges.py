@@ -57,10 +57,26 @@ class Parts:
     nbytes: int
 
 
-def copy_chunks(m: Match, new_categories: str, old_shape, new_shape):
+def copy_chunks(m: Match, new_categories: str, old_shape, new_shape, memo: dict | None = None):
     """The copied elements of a parameter as (destination offset, source offset, count) in
     elements of the contiguous tensors, sorted and merged; None when the copy is not a few
-    slices (then checkpoint builds the tensor with torch, as in_place_writes / build do)."""
+    slices (then checkpoint builds the tensor with torch, as in_place_writes / build do).
+    `memo` keeps the answers by what they depend on: the layers of a model repeat one match."""
+    if memo is None:
+        return _copy_chunks(m, new_categories, old_shape, new_shape)
+    key = (new_categories, tuple(old_shape), tuple(new_shape), m.copy, m.unexplained, m.identity,
+           tuple((b.axes, b.old_shape, b.new_shape, _key(b.index), _key(b.zero), _key(b.category))
+                 for b in m.blocks))
+    if key not in memo:
+        memo[key] = _copy_chunks(m, new_categories, old_shape, new_shape)
+    return memo[key]
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return (t.dtype, tuple(t.shape), t.numpy().tobytes())
+
+
+def _copy_chunks(m: Match, new_categories: str, old_shape, new_shape):
     if m.unexplained or not m.copy or m.old_shape is None or not m.blocks or m.identity:
         return None
     if any(len(b.axes) != 1 for b in m.blocks) or len(m.blocks) != len(new_shape):
