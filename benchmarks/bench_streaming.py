@@ -25,14 +25,16 @@ Each twice: as above (the output in the page cache, not yet on the disk: what sa
 and fsynced (the copy fsyncs every file and both directories; the stream runs with sync=True,
 as the command line does, so that the checkpoint survives a power loss once it returns). Then
 the ratios stream / copy, page cache against page cache and fsynced against fsynced (target
-<= 2; wall time, and CPU time, which other work on the machine sways less), and the streaming step's own memory against the largest shard + 1 GB (the target): the stream child resets its peak resident memory after
-loading the plan (Linux's /proc/self/clear_refs) and reports how far it rose during
-apply_to_checkpoint. A last child checks the result: the new checkpoint loads strictly into the new
-model (tensors assigned memory-mapped, so the check holds no extra copy), and on old tokens
-its logits over the old vocabulary match the old model's. Files are synced to disk before each
-timed child, and everything written is deleted at the end, except with --keep DIR: the generated
-checkpoint and the saved plan are kept there and reused by the next run with the same --keep,
---layers and --shard-size (generating and planning take minutes; the timed children do not change).
+<= 2; wall time, and CPU time, which other work on the machine sways less), and the
+streaming step's own memory against the largest shard + 1 GB (the target): the stream child
+resets its peak resident memory after loading the plan (Linux's /proc/self/clear_refs) and
+reports how far it rose during apply_to_checkpoint. A last child checks the result: the new
+checkpoint loads strictly into the new model (tensors assigned memory-mapped, so the check
+holds no extra copy), and on old tokens its logits over the old vocabulary match the old
+model's. Files are synced to disk before each timed child, and everything written is deleted
+at the end, except with --keep DIR: the generated checkpoint and the saved plan are kept there
+and reused by the next run with the same --keep, --layers and --shard-size (generating and
+planning take minutes; the timed children do not change).
 """
 import argparse
 import gc
