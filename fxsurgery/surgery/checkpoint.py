@@ -13,11 +13,12 @@ shards with `model.safetensors.index.json`):
 or in one call, `transplant_checkpoint(old, new, old_inputs, new_inputs, old_features,
 new_features, "old_dir", "new_dir")`.
 
-At any time one new tensor is being built: its old tensor is read from the source (see
-`checkpoint_files`), the elements the plan does not copy take the new model's initialisation
-(see `checkpoint_init`; zero where the plan zeros), and the result is written into its output
-shard, whose header was written first. Peak memory is a few of the largest tensors, never a
-shard, never a model.
+At any time one new tensor is being built and the one before it written: its old tensor is
+read from the source (see `checkpoint_files`), the elements the plan does not copy take the
+new model's initialisation (see `checkpoint_init`; zero where the plan zeros), and the result
+is written into its output shard, whose header was written first, by a thread of its own
+while the next tensor is built (`WriteBehind`: the random draws and index math overlap the
+kernel's copying). Peak memory is a few of the largest tensors, never a shard, never a model.
 
 The output is written into a temporary sibling directory of `dst` and renamed into place only
 when every file is complete: a failed or interrupted run leaves no checkpoint at `dst` (and an
@@ -41,7 +42,7 @@ from .._durable import fsync_folder, umask
 from ..progress import open_bar
 from ..tied import tied_names
 from .apply import build, in_place_writes
-from .checkpoint_files import ShardWriter, Source, parse_size, shard_names, write_index
+from .checkpoint_files import ShardWriter, Source, WriteBehind, parse_size, shard_names, write_index
 from .checkpoint_init import ModuleInit, Scratch, needs_init, rows_keeping_init
 from .checkpoint_ranges import FileRange, Parts, copy_chunks, parts, worth_it, zero_writes
 from .errors import SurgeryError, _listing
@@ -68,7 +69,7 @@ class _Out:
 
     @property
     def nbytes(self) -> int:
-        return int(torch.Size(self.shape).numel()) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def apply_to_checkpoint(plan, src, dst, *, init: Callable[[torch.nn.Module], None] | None = None,
@@ -138,25 +139,25 @@ def apply_to_checkpoint(plan, src, dst, *, init: Callable[[torch.nn.Module], Non
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
     try:
         os.chmod(tmp, 0o777 & ~umask())   # mkdtemp's 0o700 would become dst's mode
-        done = 0
         written = Written(dst)
-        for fname, shard in zip(names, shards):
-            writer = ShardWriter(tmp / fname, [(o.name, o.shape, o.dtype) for o in shard])
-            try:
-                by_name = {o.name: o for o in shard}
-                for name in writer.order:
-                    o = by_name[name]
-                    writer.write(name, _value(plan, o, source, values, scratch, rows_ok))
-                    done += o.nbytes
-                    report(name, done, total)
-                if sync:
-                    writer.sync()
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-            written.files.append(fname)
-            written.weight_map.update({o.name: fname for o in shard})
+        with WriteBehind(report, total) as behind:
+            for fname, shard in zip(names, shards):
+                writer = ShardWriter(tmp / fname, [(o.name, o.shape, o.dtype) for o in shard], early_writeback=sync)
+                try:
+                    by_name = {o.name: o for o in shard}
+                    for k, name in enumerate(writer.order):
+                        o = by_name[name]
+                        # Two scratch slots: this tensor is built in one while the previous one
+                        # is written from the other (WriteBehind waits for it before returning).
+                        behind.write(writer, name, _value(plan, o, source, values, scratch, rows_ok, f"dest{k % 2}"),
+                                     o.nbytes)
+                    behind.finish(writer, sync)
+                except BaseException:
+                    behind.settle()          # no write in flight into the file being aborted
+                    writer.abort()
+                    raise
+                written.files.append(fname)
+                written.weight_map.update({o.name: fname for o in shard})
         written.total_size = total
         if len(names) > 1:
             write_index(tmp, written.weight_map, total, sync)
@@ -286,10 +287,11 @@ def _split(outs: list[_Out], limit: int) -> list[list[_Out]]:
     return shards
 
 
-def _value(plan, o: _Out, source: Source, values: ModuleInit, scratch: Scratch, rows_ok: bool) -> torch.Tensor:
+def _value(plan, o: _Out, source: Source, values: ModuleInit, scratch: Scratch, rows_ok: bool,
+           slot: str = "dest") -> torch.Tensor:
     """The new tensor `o`, built from its old tensor and the new model's initial values as
-    SurgeryPlan.apply builds it, in o.dtype. It may live in `scratch`: write it out before
-    building the next one."""
+    SurgeryPlan.apply builds it, in o.dtype. It may live in `scratch`'s `slot`: write it out
+    before building another one there."""
     m, cats = o.plan.match, plan.new_categories
     info = source.infos[o.source] if o.source is not None else None
     if info is not None and info.offset is not None and info.dtype == o.dtype:
@@ -297,10 +299,10 @@ def _value(plan, o: _Out, source: Source, values: ModuleInit, scratch: Scratch, 
         src = FileRange(info.file, info.offset, info.nbytes)
         if m.identity:
             return Parts([src], info.nbytes)
-        chunks = copy_chunks(m, cats, info.shape, o.shape)
+        chunks = copy_chunks(m, cats, info.shape, o.shape, scratch.memo)
         if worth_it(chunks, info.nbytes // max(math.prod(info.shape), 1)):
             with torch.no_grad():
-                dest = _initial(plan, o, values, scratch, rows_ok)
+                dest = _initial(plan, o, values, scratch, rows_ok, slot)
                 for w in zero_writes(m, cats, dest):
                     w()
             return parts(dest, chunks, src, dest.element_size(), o.name)
@@ -308,7 +310,7 @@ def _value(plan, o: _Out, source: Source, values: ModuleInit, scratch: Scratch, 
     with torch.no_grad():
         if old is not None and m.identity:
             return old.to(o.dtype)
-        dest = _initial(plan, o, values, scratch, rows_ok)
+        dest = _initial(plan, o, values, scratch, rows_ok, slot)
         writes = in_place_writes(m, old, dest, cats)
         if writes is None:
             return build(m, old, dest, cats).to(o.dtype)
@@ -317,7 +319,7 @@ def _value(plan, o: _Out, source: Source, values: ModuleInit, scratch: Scratch, 
         return dest
 
 
-def _initial(plan, o: _Out, values: ModuleInit, scratch: Scratch, rows_ok: bool) -> torch.Tensor:
+def _initial(plan, o: _Out, values: ModuleInit, scratch: Scratch, rows_ok: bool, slot: str) -> torch.Tensor:
     """The buffer `o` is built in, holding the new model's values wherever the plan keeps them
     (and anything elsewhere: every other element is copied or zeroed afterwards)."""
     m, cats = o.plan.match, plan.new_categories
@@ -326,12 +328,12 @@ def _initial(plan, o: _Out, values: ModuleInit, scratch: Scratch, rows_ok: bool)
     # new model's, put there first. The scratch buffer holds the previous tensor's values
     # elsewhere, and needs no clearing: those elements are all overwritten.
     if rows is not None:
-        dest = scratch.tensor("dest", o.shape, o.dtype)
+        dest = scratch.tensor(slot, o.shape, o.dtype)
         dest.index_copy_(0, rows, values.row_values(o.name, rows, o.dtype))
     elif needs_init(m, cats):
         dest = values.values(o.name, o.dtype)
     else:
-        dest = scratch.tensor("dest", o.shape, o.dtype)
+        dest = scratch.tensor(slot, o.shape, o.dtype)
     if tuple(dest.shape) != o.shape:   # a bug guard: never write a wrong shape
         raise SurgeryError(f"internal error: the initial value of {o.name} has shape {tuple(dest.shape)}, "
                            f"expected {o.shape}")

@@ -19,6 +19,7 @@ Embedding; transformers' `_init_weights`: normal), the copy is built with just t
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable
 
 import torch
@@ -76,9 +77,10 @@ class Scratch:
 
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
+        self.memo: dict = {}      # index math kept between tensors (checkpoint_ranges.copy_chunks)
 
     def tensor(self, slot: str, shape, dtype: torch.dtype) -> torch.Tensor:
-        n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        n = math.prod(shape) * dtype.itemsize
         buf = self._buffers.get(slot)
         if buf is None or buf.numel() < n:
             self._buffers[slot] = None        # release the smaller one first

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .apply import _copy_regions, _index_axes, _runs, _zero_positions, _zero_writes
+from .apply import _copy_regions, _index_axes, _runs, _zero_positions
 from .errors import SurgeryError
 from .match import Match
 
@@ -57,10 +57,26 @@ class Parts:
     nbytes: int
 
 
-def copy_chunks(m: Match, new_categories: str, old_shape, new_shape):
+def copy_chunks(m: Match, new_categories: str, old_shape, new_shape, memo: dict | None = None):
     """The copied elements of a parameter as (destination offset, source offset, count) in
     elements of the contiguous tensors, sorted and merged; None when the copy is not a few
-    slices (then checkpoint builds the tensor with torch, as in_place_writes / build do)."""
+    slices (then checkpoint builds the tensor with torch, as in_place_writes / build do).
+    `memo` keeps the answers by what they depend on: the layers of a model repeat one match."""
+    if memo is None:
+        return _copy_chunks(m, new_categories, old_shape, new_shape)
+    key = (new_categories, tuple(old_shape), tuple(new_shape), m.copy, m.unexplained, m.identity,
+           tuple((b.axes, b.old_shape, b.new_shape, _key(b.index), _key(b.zero), _key(b.category))
+                 for b in m.blocks))
+    if key not in memo:
+        memo[key] = _copy_chunks(m, new_categories, old_shape, new_shape)
+    return memo[key]
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return (t.dtype, tuple(t.shape), t.numpy().tobytes())
+
+
+def _copy_chunks(m: Match, new_categories: str, old_shape, new_shape):
     if m.unexplained or not m.copy or m.old_shape is None or not m.blocks or m.identity:
         return None
     if any(len(b.axes) != 1 for b in m.blocks) or len(m.blocks) != len(new_shape):
@@ -91,7 +107,7 @@ def copy_chunks(m: Match, new_categories: str, old_shape, new_shape):
         return []
     d, s, n = torch.cat(dst), torch.cat(src), torch.cat(lengths)
     order = torch.argsort(d)
-    return _merge(d[order].tolist(), s[order].tolist(), n[order].tolist())
+    return _merge(d[order], s[order], n[order])
 
 
 def _strided(shape, dstride, doff, sstride, soff):
@@ -114,14 +130,18 @@ def _strided(shape, dstride, doff, sstride, soff):
     return d, s, length
 
 
-def _merge(d, s, n) -> list[tuple[int, int, int]]:
-    out = []
-    for a, b, c in zip(d, s, n):
-        if out and out[-1][0] + out[-1][2] == a and out[-1][1] + out[-1][2] == b:
-            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + c)
-        else:
-            out.append((a, b, c))
-    return out
+def _merge(d: torch.Tensor, s: torch.Tensor, n: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Sorted stretches merged where one continues the previous in both tensors (vectorised:
+    a widened layer has thousands of stretches, one per row)."""
+    if d.numel() > 1:
+        cont = (d[1:] == d[:-1] + n[:-1]) & (s[1:] == s[:-1] + n[:-1])
+        first = torch.cat([torch.ones(1, dtype=torch.bool), ~cont])
+        starts = torch.nonzero(first).reshape(-1)
+        bounds = torch.cat([torch.zeros(1, dtype=n.dtype), torch.cumsum(n, 0)])
+        ends = torch.cat([starts[1:], torch.tensor([d.numel()])])
+        lengths = bounds[ends] - bounds[starts]
+        d, s, n = d[starts], s[starts], lengths
+    return list(zip(d.tolist(), s.tolist(), n.tolist()))
 
 
 def worth_it(chunks, itemsize: int) -> bool:
@@ -134,10 +154,31 @@ def worth_it(chunks, itemsize: int) -> bool:
 def zero_writes(m: Match, new_categories: str, dest: torch.Tensor) -> list:
     """The zeroing part of in_place_writes: the positions that are neither copied nor keep the
     new model's values (copy_chunks has refused every case where a zeroed one is copied)."""
-    zero_pos = _zero_positions(m, new_categories)
     if m.zero_all and not (m.category_all and new_categories != "zero"):
-        return _zero_writes(dest, [torch.nonzero(b.index < 0).reshape(-1) for b in m.blocks])
-    return _zero_writes(dest, zero_pos)
+        positions = [b.index < 0 for b in m.blocks]
+    else:
+        positions = _zero_positions(m, new_categories)
+    writes = []
+    for d, pos in enumerate(positions):
+        runs = _true_runs(pos)
+        if runs is None:          # scattered positions: one index_fill_
+            idx = torch.nonzero(pos).reshape(-1)
+            writes.append(lambda d=d, idx=idx: dest.index_fill_(d, idx, 0))
+        else:                     # a few stretches (new units' columns): a strided fill each, far faster
+            writes += [lambda d=d, a=a, n=n: dest.narrow(d, a, n).zero_() for a, n in runs]
+    return writes
+
+
+def _true_runs(mask: torch.Tensor, limit: int = 64):
+    """The stretches (start, length) where the bool `mask` holds; None when more than `limit`."""
+    idx = torch.nonzero(mask).reshape(-1)
+    if not idx.numel():
+        return []
+    starts = torch.nonzero(torch.cat([torch.ones(1, dtype=torch.bool), idx[1:] != idx[:-1] + 1])).reshape(-1)
+    if starts.numel() > limit:
+        return None
+    ends = torch.cat([starts[1:], torch.tensor([idx.numel()])])
+    return [(int(idx[a]), int(b - a)) for a, b in zip(starts.tolist(), ends.tolist())]
 
 
 def parts(dest: torch.Tensor, chunks, src: FileRange, itemsize: int, name: str) -> Parts:
@@ -167,32 +208,33 @@ def _read_into(src: FileRange, buf: memoryview, chunks, name: str) -> None:
     per run of stretches that follow each other in the file."""
     if not chunks:
         return
+    t = torch.tensor(chunks, dtype=torch.long)       # grouped in one pass, not stretch by stretch in Python
+    d, s, n = t[:, 0].tolist(), t[:, 1], t[:, 2]
+    follows = torch.nonzero(s[1:] != s[:-1] + n[:-1]).reshape(-1) + 1
+    bounds = [0] + follows.tolist() + [len(chunks)]
+    s, n = s.tolist(), n.tolist()
     fd = os.open(src.path, os.O_RDONLY)
     try:
-        i = 0
-        while i < len(chunks):
-            j, end = i + 1, chunks[i][1] + chunks[i][2]
-            while j < len(chunks) and j - i < _IOV_MAX and chunks[j][1] == end:
-                end += chunks[j][2]
-                j += 1
-            views = [buf[a:a + c] for a, _, c in chunks[i:j]]
-            _preadv_all(fd, views, src.offset + chunks[i][1], src.path, name)
-            i = j
+        for lo, hi in zip(bounds, bounds[1:]):
+            for i in range(lo, hi, _IOV_MAX):
+                j = min(i + _IOV_MAX, hi)
+                _preadv_all(fd, [buf[a:a + c] for a, c in zip(d[i:j], n[i:j])], src.offset + s[i], src.path, name)
     finally:
         os.close(fd)
 
 
 def _preadv_all(fd: int, views: list, offset: int, path: Path, name: str) -> None:
-    while views:
-        got = os.preadv(fd, views, offset)
+    i = 0                 # views[:i] are filled (an index: dropping them one by one is quadratic)
+    while i < len(views):
+        got = os.preadv(fd, views[i:] if i else views, offset)
         if got == 0:
             raise SurgeryError(f"{path} ended inside the data of {name}; is the file truncated?")
         offset += got
-        while views and got >= len(views[0]):
-            got -= len(views[0])
-            views = views[1:]
+        while i < len(views) and got >= len(views[i]):
+            got -= len(views[i])
+            i += 1
         if got:
-            views = [views[0][got:]] + views[1:]
+            views[i] = views[i][got:]
 
 
 def copy_range(r: FileRange, out_fd: int, name: str, state: dict) -> None:
