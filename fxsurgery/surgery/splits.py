@@ -10,6 +10,8 @@ says row r is (r // 16, r % 16 // 4, r % 4).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..propagate import META_KEY
@@ -119,3 +121,45 @@ def digits(index: int, chunks: list[int]) -> tuple:
         index %= c
     out.append(index)
     return tuple(out)
+
+
+def _radices(n: int, chunks: list[int]) -> tuple[int, ...]:
+    """How many values each part of `digits` takes on an axis of n units."""
+    bounds = [-(-n // chunks[0])] + [-(-a // b) for a, b in zip(chunks, chunks[1:])] + [chunks[-1]]
+    return tuple(max(b, 1) for b in bounds)
+
+
+class SplitBlock:
+    """The tokens of a hidden axis cut into parts on both sides (heads x positions), numbered
+    by arithmetic: the parts read as digits of one mixed-radix number whose radices hold both
+    sides' parts, so that equal parts get the same token with no entry per unit."""
+
+    def __init__(self, start: int, sides: dict):
+        self.start = start
+        self.sides = sides          # "old"/"new" -> (units, chunks), old first
+        rads = [_radices(n, c) for n, c in sides.values()]
+        self.radices = tuple(max(r) for r in zip(*rads))
+        self.size = math.prod(self.radices)
+
+    def tokens(self, index: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+        """The token of each unit index of a side whose parts are `chunks`."""
+        code = torch.zeros_like(index)
+        for c, r in zip(chunks, self.radices):
+            code = code * r + index // c
+            index = index % c
+        return self.start + code * self.radices[-1] + index
+
+    def parts(self, token: int) -> tuple:
+        code, out = token - self.start, []
+        for r in reversed(self.radices):
+            code, d = divmod(code, r)
+            out.append(d)
+        return tuple(reversed(out))
+
+    def index(self, parts: tuple) -> int:
+        """The unit index the parts first had: on the old side if it has them, else the new."""
+        for n, chunks in self.sides.values():
+            i = sum(p * c for p, c in zip(parts, chunks)) + parts[-1]
+            if i < n and digits(i, chunks) == parts:
+                return i
+        return parts[-1]

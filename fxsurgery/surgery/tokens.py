@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import bisect
 
+import numpy
 import torch
 
 from ..labels import Label
 from ..setpool import SetPool
 from .._sort import isin, unique
 from .renames import rename_prefix
-from .splits import digits
+from .splits import SplitBlock, digits
 from .units import category_units, check_units, unit_sizes
 
 __all__ = ["LabelSpace", "describe"]
@@ -64,6 +65,8 @@ class LabelSpace:
         self._blocks: dict[str, tuple[int, int]] = {}    # group -> (first token, size)
         self._block_starts: list[int] = []
         self._block_groups: list[str] = []
+        self._split_blocks: dict[str, SplitBlock | None] = {}   # group -> its block (None: none)
+        self._block_split: list[SplitBlock | None] = []         # per block: its SplitBlock, if any
         self.label_tokens = {"old": self._range_tokens(old_pool, "old"), "new": self._range_tokens(new_pool, "new")}
         old_set, new_set = set(self.label_tokens["old"]), set(self.label_tokens["new"])
         self.new_only = frozenset(new_set - old_set)
@@ -87,6 +90,10 @@ class LabelSpace:
             start, size = self._block(key[1])
             if 0 <= key[2] < size:
                 return start + key[2]
+        if key[0] == "us":  # so does every (group, parts) of an axis cut into parts
+            blk = self._split_block(key[1])
+            if blk is not None and all(0 <= p < r for p, r in zip(key[2], blk.radices)):
+                return blk.start + _encode(key[2], blk.radices)
         t = self._ids.get(key)
         if t is None:
             t = self._ids[key] = self._n_tokens
@@ -112,8 +119,28 @@ class LabelSpace:
             b = self._blocks[group] = (self._n_tokens, size)
             self._block_starts.append(self._n_tokens)
             self._block_groups.append(group)
+            self._block_split.append(None)
             self._n_tokens += size
         return b
+
+    def _split_block(self, group: str) -> SplitBlock | None:
+        """The block of a group cut into parts on both sides (None when its radices would
+        number far more tokens than it has units: then parts are looked up one by one)."""
+        if group in self._split_blocks:
+            return self._split_blocks[group]
+        n_old = max((n for g, n in self.old_groups.items() if rename_prefix(g, self.rename) == group), default=0)
+        sides = {"old": (n_old, self.unit_splits["old"][group]), "new": (self.new_groups.get(group, 0),
+                                                                        self.unit_splits["new"][group])}
+        blk = SplitBlock(self._n_tokens, sides)
+        if blk.size > 4 * max(n_old, sides["new"][0]) + 64:
+            blk = None
+        else:
+            self._block_starts.append(self._n_tokens)
+            self._block_groups.append(group)
+            self._block_split.append(blk)
+            self._n_tokens += blk.size
+        self._split_blocks[group] = blk
+        return blk
 
     def _range_tokens(self, pool, side: str) -> list[int]:
         """The token of every label of a pool, range by range: a plain unit range is arithmetic
@@ -149,6 +176,9 @@ class LabelSpace:
         """`_token` of the units of an axis cut into parts (heads): the parts of every unit
         computed in tensor code, then one dict read per unit and a Label only for a new token."""
         index = torch.arange(r.first, r.first + r.n, dtype=torch.int64)
+        blk = self._split_block(group)
+        if blk is not None:   # arithmetic on the group's block: no entry per unit
+            return blk.tokens(index, chunks).tolist()
         cols = []
         for c in chunks:   # digits(), column by column
             cols.append((index // c).tolist())
@@ -256,7 +286,8 @@ class LabelSpace:
         m = self._strip_masks.get(toks)
         if m is None:
             m = torch.zeros(self._n_tokens, dtype=torch.bool)
-            m.index_fill_(0, torch.tensor(list(toks), dtype=torch.int64), True)   # any order
+            # numpy.fromiter reads the frozenset without a list (a stream's 260k tokens)
+            m.index_fill_(0, torch.from_numpy(numpy.fromiter(toks, dtype=numpy.int64, count=len(toks))), True)
             if len(self._strip_masks) >= 4:
                 self._strip_masks.pop(next(iter(self._strip_masks)))
             self._strip_masks[toks] = m
@@ -340,14 +371,25 @@ class LabelSpace:
         lab = self.info.get(token)
         if lab is None:
             k = bisect.bisect_right(self._block_starts, token) - 1
-            group = self._block_groups[k]
-            index = token - self._block_starts[k]
-            lab = self.info[token] = Label("unit", group, str(index), index)
+            group, blk = self._block_groups[k], self._block_split[k]
+            if blk is not None:
+                parts = blk.parts(token)
+                lab = self.info[token] = Label("unit", group, ".".join(map(str, parts)), blk.index(parts))
+            else:
+                index = token - self._block_starts[k]
+                lab = self.info[token] = Label("unit", group, str(index), index)
         return lab
 
     def inserted(self, group: str) -> str | None:
         """The group an inserted hidden axis stands for (None if `group` is not an alias)."""
         return self.unit_aliases.get(group)
+
+
+def _encode(parts: tuple, radices: tuple) -> int:
+    code = 0
+    for p, r in zip(parts, radices):
+        code = code * r + p
+    return code
 
 
 def _unit_label(pool, group: str, index: int) -> Label:
