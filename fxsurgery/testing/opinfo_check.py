@@ -26,7 +26,6 @@ import operator
 import warnings
 from dataclasses import dataclass, field
 
-import torch
 
 from ..capture import Traced, trace
 from ..gradient_map import dependence_difference, gradient_dependence, gradient_interaction_map
