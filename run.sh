@@ -13,7 +13,7 @@ setup() {
     if ! $PY -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
         $PY -m pip install -q -c constraints.txt torch==2.13.0
     fi
-    if ! $PY -c "import hypothesis, pytest, sympy, tabulate, transformers, scipy" 2>/dev/null; then
+    if ! $PY -c "import hypothesis, pytest, sympy, tabulate, transformers, scipy, expecttest" 2>/dev/null; then
         $PY -m pip install -q -c constraints.txt -e ".[test]"
     fi
     # The installed fxsurgery (and its command) must be this checkout's.

@@ -11,6 +11,12 @@ operator with a registered label rule, saying:
 - equivalence: "yes" when the architectures of `fxsurgery.testing` (the models the hypothesis
   equivalence tests draw from) emit it, i.e. it is exercised by the boolean-vs-gradient
   equivalence property tests.
+
+With `--check`, the OpInfo check (fxsurgery.testing.opinfo_check, what tests/test_opinfo.py
+runs) is run there and then, and three columns say what it found for each registered rule:
+the one-operator models checked against autodiff, the result (passes, named divergences,
+failures, or why the rule cannot be checked) and the named divergences met; `--all` runs every
+sample instead of the bounded default.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 __all__ = ["coverage_table", "coverage_rows", "core_aten_ops", "proof_status", "equivalence_tested",
-           "EQUIVALENCE_TESTED", "add_subcommand"]
+           "EQUIVALENCE_TESTED", "add_subcommand", "opinfo_reports", "opinfo_summary"]
 
 # Operators the architectures of fxsurgery.testing emit; filled by `equivalence_tested()` the
 # first time it is needed (tracing the models costs a few seconds).
@@ -127,8 +133,35 @@ def equivalence_tested() -> set[str]:
     return EQUIVALENCE_TESTED
 
 
-def coverage_rows(missing_only: bool = False) -> tuple[list[list[str]], dict]:
-    """Rows (operator, core, rule, proof, equivalence) and the counts of the summary."""
+def opinfo_reports(all_samples: bool = False) -> dict:
+    """Runs the OpInfo check on every registered rule: 'aten.x.y' -> OpReport."""
+    from .testing.opinfo_check import Runner
+    runner = Runner.everything() if all_samples else Runner()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {rep.op: rep for rep in runner.run()}
+
+
+def opinfo_summary(reports: dict) -> dict:
+    """The counts of the total line, from the reports of an actual run."""
+    reps = list(reports.values())
+    return {"rules": len(reps), "checked": sum(r.checked > 0 for r in reps),
+            "models": sum(r.checked for r in reps), "pass": sum(r.count("pass") for r in reps),
+            "divergence": sum(r.count("divergence") for r in reps),
+            "failed": sum(len(r.failures) for r in reps), "failing_rules": sum(bool(r.failures) for r in reps),
+            "explained": sum(not r.checked and r.reason is not None for r in reps),
+            "unchecked": sum(not r.checked and r.reason is None for r in reps),
+            "absent": sum(len(r.absent) for r in reps)}
+
+
+def _short(text: str, n: int = 90) -> str:
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+def coverage_rows(missing_only: bool = False, reports: dict | None = None) -> tuple[list[list[str]], dict]:
+    """Rows (operator, core, rule, proof, equivalence[, OpInfo models checked, result, named
+    divergences]) and the counts of the summary; the last three columns when `reports` (from
+    `opinfo_reports`) is given."""
     from .rules import REGISTRY
     core = set(core_aten_ops())
     rules = {str(r.op): r.family for r in REGISTRY}
@@ -140,36 +173,56 @@ def coverage_rows(missing_only: bool = False) -> tuple[list[list[str]], dict]:
         proof = "unknown" if proofs is None else proofs.get(op, "no")
         if missing_only and family != "missing" and proof not in ("no",):
             continue
-        rows.append([op, "yes" if op in core else "", family, proof, "yes" if op in tested else "no"])
+        row = [op, "yes" if op in core else "", family, proof, "yes" if op in tested else "no"]
+        if reports is not None:
+            rep = reports.get(op)
+            row += ["", "no rule", ""] if rep is None else \
+                [str(rep.checked), _short(rep.summary()), _short("; ".join(rep.divergences))]
+        rows.append(row)
     counts = {
         "core": len(core), "core_with_rule": len(core & set(rules)), "registered": len(rules),
         "proved": None if proofs is None else sum(proofs.get(op) == "yes" for op in rules),
         "exempt": None if proofs is None else sum(proofs.get(op) == "exempt" for op in rules),
         "equivalence": len(set(rules) & tested),
     }
+    if reports is not None:
+        counts["opinfo"] = opinfo_summary(reports)
     return rows, counts
 
 
-def coverage_table(tablefmt: str = "simple", missing_only: bool = False) -> str:
-    rows, c = coverage_rows(missing_only)
-    text = tabulate(rows, headers=["operator", "core", "rule", "proof", "equivalence test"], tablefmt=tablefmt)
+def coverage_table(tablefmt: str = "simple", missing_only: bool = False, reports: dict | None = None) -> str:
+    rows, c = coverage_rows(missing_only, reports)
+    headers = ["operator", "core", "rule", "proof", "equivalence test"]
+    if reports is not None:
+        headers += ["OpInfo models", "OpInfo result", "named divergences"]
+    text = tabulate(rows, headers=headers, tablefmt=tablefmt)
     proofs = "proofs unknown (no proofs/ directory)" if c["proved"] is None else \
         f"{c['proved']} with a proof case, {c['exempt']} exempt, {c['registered'] - c['proved'] - c['exempt']} without"
     summary = (f"core ATen: {c['core_with_rule']}/{c['core']} with a rule, {c['core'] - c['core_with_rule']} missing; "
                f"registered rules: {c['registered']} ({proofs}); "
                f"{c['equivalence']} exercised by the equivalence tests")
+    if reports is not None:
+        o = c["opinfo"]
+        summary += (f"\nOpInfo check: {o['checked']}/{o['rules']} rules checked against autodiff on {o['models']} "
+                    f"one-operator models ({o['pass']} pass, {o['divergence']} named divergences, {o['failed']} "
+                    f"failed in {o['failing_rules']} rules); {o['explained']} rules explained as not checkable, "
+                    f"{o['unchecked']} without a sample; {o['absent']} samples emitted other operators")
     return text + "\n\n" + summary
 
 
 def _cmd_coverage(args) -> int:
-    print(coverage_table(tablefmt=args.format, missing_only=args.missing_only))
+    reports = opinfo_reports(args.all) if args.check or args.all else None
+    print(coverage_table(tablefmt=args.format, missing_only=args.missing_only, reports=reports))
     return 0
 
 
 def add_subcommand(subparsers) -> None:
-    """`fxsurgery coverage [--format FMT] [--missing-only]`."""
+    """`fxsurgery coverage [--format FMT] [--missing-only] [--check [--all]]`."""
     p = subparsers.add_parser("coverage", help="which ATen operators have label rules, proofs and equivalence tests")
     p.add_argument("--format", default="simple", help="table format (tabulate's tablefmt)")
     p.add_argument("--missing-only", action="store_true",
                    help="only operators without a rule or without a proof (exempt counts as covered)")
+    p.add_argument("--check", action="store_true",
+                   help="run the OpInfo check (every rule against autodiff, a few minutes) and report its results")
+    p.add_argument("--all", action="store_true", help="with --check: every OpInfo sample, not the bounded default")
     p.set_defaults(run=_cmd_coverage)

@@ -79,12 +79,17 @@ def batch_norm(ctx, x, weight=None, bias=None, running_mean=None, running_var=No
     else:
         training = bool(bound.get("training", False)) if name != "aten::_native_batch_norm_legit_no_training" else False
         groups = [0] + list(range(2, x.ndim))  # one channel across batch and space
+    pool = ctx.pool
     if training:
         out = mixing(ctx, x, groups)
     else:
         out = LabelTensor(x.ids, x.shape)  # a per-channel affine map
+        # y = (x - rm) / sqrt(rv + eps): running statistics that are data (computed in the
+        # graph, not buffers) add their labels, channel by channel.
+        for stat in (running_mean, running_var):
+            if isinstance(stat, LabelTensor) and not stat.is_param and not stat.is_free:
+                out = LabelTensor(pool.union_ids(out.ids, _lay(stat.ids.reshape(-1), x.ndim, [1])), x.shape)
     out = _affine(ctx, out, weight, bias, view, [1])
-    pool = ctx.pool
     w_ids = weight.ids.reshape(-1) if isinstance(weight, LabelTensor) and not weight.is_param \
         else torch.zeros([1], dtype=torch.int64)  # a data scale's labels, per channel
     channel = _onto(ctx, x.ids, view, [1])  # what each channel of x depends on

@@ -63,6 +63,8 @@ def sort(ctx, x, *args, **kwargs):
     bound = dict(zip(names, args))
     bound.update(kwargs)
     dim = bound.get("dim", -1)
+    if x.ndim == 0:   # a scalar sorts to itself (and `dim` indexes no axis)
+        return LabelTensor(x.ids, ctx.out_shape(0), x.refs), LabelTensor.empty(ctx.out_shape(1))
     mixed = mixing(ctx, x, [dim], aligned_in_keys=False)
     values_shape = ctx.out_shape(0)
     ids = mixed.ids if mixed.ids.shape[dim] == 1 or values_shape[dim] == x.shape[dim] else \
