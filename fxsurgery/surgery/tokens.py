@@ -43,7 +43,6 @@ class LabelSpace:
         self._token_tensors: dict[str, torch.Tensor] = {}
         self._token_masks: dict[str, torch.Tensor] = {}
         self._memo_t: dict[str, torch.Tensor] = {}
-        self._single_t: torch.Tensor | None = None
         self._categories: list[int] = []
         self.old_groups = unit_sizes(old_pool)
         self.new_groups = unit_sizes(new_pool)
@@ -246,10 +245,6 @@ class LabelSpace:
         if t < 0:
             t = int(self.translate(side, torch.tensor([set_id], dtype=torch.int64))[1][0])
         return t
-
-    def intern_tset(self, toks) -> int:
-        """The number of a set of tokens (any iterable)."""
-        return self._tpool.intern(toks)
 
     def translate(self, side: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-set numbers of an id tensor (same shape), and the distinct numbers found."""
