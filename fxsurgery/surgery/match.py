@@ -203,7 +203,7 @@ class _Side:
             if ids.numel() == 1:  # constant along the block: translate once
                 t = space.tset(side, int(ids.reshape(-1)[0]))
                 self.per_block.append(torch.full((_numel(shape[a] for a in axes),), t, dtype=torch.int64))
-                self.uniq.append([t])
+                self.uniq.append(torch.tensor([t], dtype=torch.int64))
             else:
                 tsets, uniq = space.translate(side, ids.expand([shape[a] for a in axes]).reshape(-1))
                 self.per_block.append(tsets)
@@ -244,7 +244,7 @@ def _universal(space: LabelSpace, s: _Side) -> frozenset:
     more = set()
     for uniq in s.uniq:
         common = None
-        for t in uniq:
+        for t in uniq.tolist():
             common = set(sets[t]) if common is None else common & sets[t]
             if not common:
                 break
@@ -263,7 +263,7 @@ def _minus(a: frozenset, b: frozenset) -> frozenset:
 def _home(space: LabelSpace, s: _Side, label: int):
     """The first block along which some position's set holds `label`, or None."""
     for k, uniq in enumerate(s.uniq):
-        if any(label in space.tset_tokens[t] for t in uniq):
+        if any(label in space.tset_tokens[t] for t in uniq.tolist()):
             return k
     return None
 
@@ -389,7 +389,7 @@ def match(space: LabelSpace, new_shape, new_meets: Terms | None, new_aligned: Te
             removed_f = space.flags(om.per_block[k], om.uniq[k], 2) | space.flags(oa.per_block[k], oa.uniq[k], 2)
             for t in space.hits(om.uniq[k], 2):
                 removed_met_l.update(sets[t] & removed)
-            for t in space.hits(om.uniq[k] + oa.uniq[k], 2):
+            for t in space.hits(unique(torch.cat([om.uniq[k], oa.uniq[k]]))[0], 2):
                 removed_l.update(sets[t] & removed)
             index, ambiguous = _match_classes(c_old, c_new)
             if ambiguous.numel():
