@@ -264,9 +264,12 @@ class SetPool:
 
     def ranges_of(self, label_ids: torch.Tensor) -> list[_Range]:
         """The distinct ranges that `label_ids` fall in, in id order."""
+        return [self._ranges[k] for k in unique_values(self._range_index(label_ids)).tolist()]
+
+    def _range_index(self, label_ids: torch.Tensor) -> torch.Tensor:
+        """The position in the ranges of each label id (flat)."""
         self._range_tables()
-        which = unique_values(torch.searchsorted(self._starts_t, label_ids.reshape(-1), right=True) - 1)
-        return [self._ranges[k] for k in which.tolist()]
+        return torch.searchsorted(self._starts_t, label_ids.reshape(-1), right=True) - 1
 
     def _range_tables(self) -> None:
         """The tensors `class_ids` and `ranges_of` search, remade when ranges were added."""
@@ -278,9 +281,7 @@ class SetPool:
     def class_ids(self, label_ids: torch.Tensor) -> torch.Tensor:
         """The class of each label id, as a position in `class_keys()`: a class is the (kind,
         group) of a range (a hidden axis, an input's features, a vocabulary)."""
-        self._range_tables()
-        flat = label_ids.reshape(-1)
-        where = torch.searchsorted(self._starts_t, flat, right=True) - 1
+        where = self._range_index(label_ids)   # first: it makes the table read below
         return self._class_of_range.index_select(0, where).reshape(label_ids.shape)
 
     def class_keys(self) -> list[tuple[str, str]]:
@@ -510,15 +511,19 @@ class SetPool:
         self._unions_top = max(self._unions_top, int(b.max()))
         return got
 
+    def _ends(self, set_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The smallest and the largest member of each (non-empty) set."""
+        off, flat = self._offsets.data, self._members.data
+        return (flat.index_select(0, off.index_select(0, set_ids)),
+                flat.index_select(0, off.index_select(0, set_ids + 1) - 1))
+
     def _disjoint_union(self, a: torch.Tensor, b: torch.Tensor, got: torch.Tensor, rest: torch.Tensor) -> None:
         """Fills got[rest] for the pairs whose two sets do not overlap and lie in order, all of
         one's labels before the other's (a residual stream gaining a layer's units): their
         union is the two runs end to end, already sorted, and its hashes are the sums of theirs,
         so that nothing is sorted or hashed per member."""
-        off, flat = self._offsets.data, self._members.data
         a, b = a.index_select(0, rest), b.index_select(0, rest)
-        a_last, b_last = flat.index_select(0, off.index_select(0, a + 1) - 1), flat.index_select(0, off.index_select(0, b + 1) - 1)
-        a_first, b_first = flat.index_select(0, off.index_select(0, a)), flat.index_select(0, off.index_select(0, b))
+        (a_first, a_last), (b_first, b_last) = self._ends(a), self._ends(b)
         a_before = a_last < b_first
         ordered = torch.nonzero(a_before | (b_last < a_first)).reshape(-1)
         if not ordered.numel():
@@ -589,11 +594,8 @@ class SetPool:
         small, big = torch.where(a_small, a, b), torch.where(a_small, b, a)
         # A set holds another only if its first and last members bound the other's: pairs
         # failing that (sets over different labels) are dropped before the member search.
-        off, flat = self._offsets.data, self._members.data
-        s0, b0 = off.index_select(0, small), off.index_select(0, big)
-        s1, b1 = off.index_select(0, small + 1) - 1, off.index_select(0, big + 1) - 1
-        bounded = torch.nonzero((flat.index_select(0, s0) >= flat.index_select(0, b0))
-                                & (flat.index_select(0, s1) <= flat.index_select(0, b1))).reshape(-1)
+        (s_first, s_last), (b_first, b_last) = self._ends(small), self._ends(big)
+        bounded = torch.nonzero((s_first >= b_first) & (s_last <= b_last)).reshape(-1)
         if not bounded.numel():
             return out
         if bounded.numel() < rows.numel():

@@ -21,6 +21,7 @@ def test_equal_parts_get_one_token_and_distinct_parts_distinct_tokens():
                 parts = digits(i, chunks)
                 assert seen.setdefault(parts, t) == t          # equal parts: one token
                 assert blk.parts(t) == parts                   # and it decodes back
+                assert blk.token(parts) == t                   # one part tuple encodes the same
         assert len(set(seen.values())) == len(seen)            # distinct parts: distinct tokens
         assert all(100 <= t < 100 + blk.size for t in seen.values())
         for parts in seen:                                     # the label shows the old index first

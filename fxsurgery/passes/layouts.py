@@ -118,14 +118,14 @@ class Sizer:
         policy's 16,000 features made a Label per member per set)."""
         classes = cls.classes if isinstance(cls, Component) else (cls,)
         uniq, inverse = unique(ids)
-        todo = [(k, i) for k, i in enumerate(uniq.tolist()) if (i, cls) not in self._restrict]
+        todo = [i for i in uniq.tolist() if (i, cls) not in self._restrict]
         if todo:
-            sids = torch.tensor([i for _, i in todo], dtype=torch.int64)
+            sids = torch.tensor(todo, dtype=torch.int64)
             members, seg = self.pool.members(sids)
             keys = self.pool.class_keys()
             keep = isin(self.pool.class_ids(members), [keys.index(c) for c in classes if c in keys])
             got = self.pool.intern_segments(members.masked_select(keep), seg.masked_select(keep), sids.numel())
-            self._restrict.update(zip(((i, cls) for _, i in todo), got.tolist()))
+            self._restrict.update(zip(((i, cls) for i in todo), got.tolist()))
         out = torch.tensor([self._restrict[(i, cls)] for i in uniq.tolist()], dtype=torch.int64)
         return out.index_select(0, inverse.reshape(-1)).reshape(ids.shape)
 

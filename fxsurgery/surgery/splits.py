@@ -149,6 +149,15 @@ class SplitBlock:
             index = index % c
         return self.start + code * self.radices[-1] + index
 
+    def token(self, parts: tuple) -> int | None:
+        """The token of one tuple of parts (None when a part lies outside the block)."""
+        code = 0
+        for p, r in zip(parts, self.radices):
+            if not 0 <= p < r:
+                return None
+            code = code * r + p
+        return self.start + code
+
     def parts(self, token: int) -> tuple:
         code, out = token - self.start, []
         for r in reversed(self.radices):

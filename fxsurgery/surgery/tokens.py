@@ -91,8 +91,9 @@ class LabelSpace:
                 return start + key[2]
         if key[0] == "us":  # so does every (group, parts) of an axis cut into parts
             blk = self._split_block(key[1])
-            if blk is not None and all(0 <= p < r for p, r in zip(key[2], blk.radices)):
-                return blk.start + _encode(key[2], blk.radices)
+            t = blk.token(key[2]) if blk is not None else None
+            if t is not None:
+                return t
         t = self._ids.get(key)
         if t is None:
             t = self._ids[key] = self._n_tokens
@@ -378,13 +379,6 @@ class LabelSpace:
     def inserted(self, group: str) -> str | None:
         """The group an inserted hidden axis stands for (None if `group` is not an alias)."""
         return self.unit_aliases.get(group)
-
-
-def _encode(parts: tuple, radices: tuple) -> int:
-    code = 0
-    for p, r in zip(parts, radices):
-        code = code * r + p
-    return code
 
 
 def _unit_label(pool, group: str, index: int) -> Label:
