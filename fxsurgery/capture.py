@@ -20,6 +20,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from .labels import Categories, Features
+from .sizes import FreeSizes, concretise, dynamic_spec
 from .tied import tied_groups
 
 __all__ = ["Traced", "trace", "CaptureError", "InputError", "wrapped_call", "config_overrides"]
@@ -56,6 +57,7 @@ class Traced:
     keywords: bool = False              # the inputs are passed by name (see trace)
     config: dict = field(default_factory=dict)   # model.config attributes set during capture and calls
     notes: list = field(default_factory=list)    # what the capture did that the user should know
+    sizes: Optional[FreeSizes] = None            # the free sizes, for a capture with dynamic=True
 
     @property
     def graph_module(self) -> torch.fx.GraphModule:
@@ -294,8 +296,39 @@ def _export_hint(err: Exception) -> str:
             "control flow depends on shapes rather than values")
 
 
+def _export(model, args, names, strict: bool, dynamic: bool, notes: list):
+    """torch.export of the model (by keyword when `names` is given: the graph's inputs follow
+    their order), with free sizes when `dynamic`; returns the program and whether its sizes are
+    free. A capture with free sizes that fails falls back to a static one, said in `notes`."""
+    kwargs = dict(zip(names, args)) if names is not None else {}
+    pos = () if names is not None else args
+    if dynamic:
+        spec, small = dynamic_spec(pos, kwargs, model)
+        try:
+            program = torch.export.export(model, pos, kwargs, strict=strict, dynamic_shapes=spec)
+            return program, small
+        except Exception as err:  # noqa: BLE001 - the static capture below is the answer, and said
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            notes.append(f"sizes fixed: torch.export could not capture with free sizes ({type(err).__name__}: "
+                         f"{reason})")
+    return torch.export.export(model, pos, kwargs, strict=strict), None
+
+
+def _free_sizes(program, input_nodes, input_names, args, small) -> FreeSizes:
+    """Concretises a program captured with free sizes and names the axes left fixed."""
+    sizes = concretise(program, input_nodes)
+    free = set(sizes.symbols.values())
+    sizes.fixed = [(input_names[k], axis, n, f"the example has {n} position{'s' * (n != 1)}; give two "
+                    "or more to free it") for k, axis, n in small]
+    for k, x in enumerate(args):
+        for axis in range(x.dim()):
+            if x.shape[axis] >= 2 and (k, axis) not in free:
+                sizes.fixed.append((input_names[k], axis, x.shape[axis], "the graph fixes it"))
+    return sizes
+
+
 def trace(model: torch.nn.Module, example_inputs, features: Optional[Mapping[str, Any]] = None,
-          *, strict: bool = False) -> Traced:
+          *, strict: bool = False, dynamic: bool = False) -> Traced:
     """Captures `model` on `example_inputs` and attaches the input descriptions.
 
     `features` maps input argument names to `Features` or `Categories`; inputs not named there
@@ -303,6 +336,13 @@ def trace(model: torch.nn.Module, example_inputs, features: Optional[Mapping[str
     the names of forward's parameters (passed by keyword unless they are its leading
     parameters in order), or names for positional inputs in order (a `forward(*inputs)`).
     Works with the model and inputs on the meta device. The model is not modified.
+
+    `dynamic=True` captures with every size free that the graph leaves free (torch.export
+    dynamic shapes, see `fxsurgery.sizes`): the analyses see the same static graph, and
+    `traced.sizes` says which sizes are free, so that a rewriting pass builds a module that runs
+    at all of them without capturing the model again. It costs about two to four static
+    captures; if torch.export cannot capture the model with free sizes, the capture is static
+    and `traced.notes` says why.
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"trace expects a torch.nn.Module, got {type(model).__name__}")
@@ -323,10 +363,7 @@ def trace(model: torch.nn.Module, example_inputs, features: Optional[Mapping[str
         # nn.LSTM/GRU warn about their flat weights being non-contiguous under export.
         warnings.filterwarnings("ignore", message=".*_flat_weights.*")
         try:
-            if keywords:  # the graph's inputs follow the dict's order
-                program = torch.export.export(model, (), dict(zip(given_names, args)), strict=strict)
-            else:
-                program = torch.export.export(model, args, strict=strict)
+            program, sizes = _export(model, args, given_names if keywords else None, strict, dynamic, notes)
         except Exception as err:  # noqa: BLE001 - we re-raise with the exporter's reason
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CaptureError(f"torch.export could not capture {type(model).__name__}: "
@@ -358,6 +395,8 @@ def trace(model: torch.nn.Module, example_inputs, features: Optional[Mapping[str
     if unknown:
         raise InputError(f"features describe {unknown}, which {'is' if len(unknown) == 1 else 'are'} "
                          f"not an input of {type(model).__name__}; its tensor inputs are {input_names}")
+    if sizes is not None:
+        sizes = _free_sizes(program, input_nodes, input_names, args, sizes)
     vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
     for name, node, example in zip(input_names, input_nodes, args):
         desc = features.get(name)
@@ -370,4 +409,5 @@ def trace(model: torch.nn.Module, example_inputs, features: Optional[Mapping[str
 
     return Traced(model=model, program=program, inputs=args, input_names=input_names, input_nodes=input_nodes,
                   descriptions={n: features.get(n) for n in input_names},
-                  placeholders=placeholders, aliases=aliases, keywords=keywords, config=switches, notes=notes)
+                  placeholders=placeholders, aliases=aliases, keywords=keywords, config=switches, notes=notes,
+                  sizes=sizes)

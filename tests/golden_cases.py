@@ -128,18 +128,18 @@ def plan_digest(plan) -> dict:
     return {"table": plan.table().splitlines(), "summary": plan.summary().splitlines(), "state": state}
 
 
-def compute_map(name: str) -> dict:
+def compute_map(name: str, dynamic: bool = False) -> dict:
     model, inputs, features = map_cases()[name]()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return map_digest(fs.interaction_map(fs.trace(model, inputs, features)))
+        return map_digest(fs.interaction_map(fs.trace(model, inputs, features, dynamic=dynamic)))
 
 
-def compute_plan(name: str) -> dict:
+def compute_plan(name: str, dynamic: bool = False) -> dict:
     (om, oi, of), (nm, ni, nf) = plan_cases()[name]()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return plan_digest(fs.plan(fs.trace(om, oi, of), fs.trace(nm, ni, nf)))
+        return plan_digest(fs.plan(fs.trace(om, oi, of, dynamic=dynamic), fs.trace(nm, ni, nf, dynamic=dynamic)))
 
 
 def path(kind: str, name: str) -> str:

@@ -27,18 +27,22 @@ def _check(got: dict, want: dict) -> None:
         assert got[part] == want[part], part
 
 
+# dynamic=True: a capture with free sizes, concretised (fxsurgery.sizes), must label exactly as
+# the static capture does.
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "free_sizes"])
 @pytest.mark.parametrize("name", list(map_cases()))
-def test_map_equals_golden(name):
+def test_map_equals_golden(name, dynamic):
     if name in REAL:
         pytest.importorskip("transformers")
-    _check(json.loads(json.dumps(compute_map(name))), _saved("map", name))
+    _check(json.loads(json.dumps(compute_map(name, dynamic))), _saved("map", name))
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "free_sizes"])
 @pytest.mark.parametrize("name", list(plan_cases()))
-def test_plan_equals_golden(name):
+def test_plan_equals_golden(name, dynamic):
     if name in REAL:
         pytest.importorskip("transformers")
-    _check(json.loads(json.dumps(compute_plan(name))), _saved("plan", name))
+    _check(json.loads(json.dumps(compute_plan(name, dynamic))), _saved("plan", name))
 
 
 def test_the_digest_sees_a_changed_map():
