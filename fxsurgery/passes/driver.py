@@ -25,7 +25,7 @@ import torch
 from ..capture import Traced, trace
 from ..interaction_map import interaction_map
 from ..surgery.planning import plan as make_plan
-from .batch import free_batch
+from .free_sizes import free_sizes
 from .layouts import SizingError
 from .new_module import build_graph_module, check_shapes
 from .new_shapes import reach
@@ -69,7 +69,13 @@ def as_traced(model, inputs=None, features=None) -> Traced:
                         "pass fs.trace(model, inputs, features)")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*_flat_weights.*")
-        return trace(model, inputs, features)
+        # Captured here with free sizes: the pass then needs no second capture to free them. An
+        # example batch of one would stay fixed that way (export specialises sizes 0 and 1);
+        # captured statically, the batch is freed from a second capture with one more row.
+        values = inputs.values() if isinstance(inputs, Mapping) else inputs
+        values = values if isinstance(values, (tuple, list, type({}.values()))) else (values,)
+        dynamic = all(x.shape[0] >= 2 for x in values if isinstance(x, torch.Tensor) and x.dim())
+        return trace(model, inputs, features, dynamic=dynamic)
 
 
 @dataclass
@@ -130,7 +136,7 @@ def finish(gm: torch.fx.GraphModule, traced: Traced, change: Change, shapes: dic
     and remember all of it in `gm.meta`."""
     inputs = change.inputs
     check_shapes(gm, traced, inputs, shapes)
-    batch = free_batch(gm, traced, inputs)
+    sizes, batch = free_sizes(gm, traced, inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         new = trace(gm, inputs, change.descriptions)
@@ -142,7 +148,7 @@ def finish(gm: torch.fx.GraphModule, traced: Traced, change: Change, shapes: dic
     before = before.get(META) if isinstance(before, dict) else None
     chained = isinstance(before, PassRecord) and before.traced is traced and before.first is not None
     gm.meta[META] = PassRecord(plan=p, inputs=inputs, features=dict(change.descriptions), what=change.what,
-                               traced=new, batch=batch, fingerprint=fingerprint(gm), reach=r,
+                               traced=new, batch=batch, sizes=sizes, fingerprint=fingerprint(gm), reach=r,
                                plans=(before.plans if chained else []) + [p],
                                changes=(before.changes if chained else []) + [change.what],
                                first=before.first if chained else traced)

@@ -66,6 +66,15 @@ def _outputs(node):
     return [node]
 
 
+def _keep_inferred(old, new) -> list:
+    """The new shape argument, keeping an inferred axis (-1) where the old one had it: the
+    other literals determine it, and a size the module frees (the batch) may be behind it."""
+    out = list(new)
+    if isinstance(old, (list, tuple)) and len(old) == len(out):
+        out = [-1 if o == -1 else n for o, n in zip(old, out)]
+    return out
+
+
 def _rewrite_args(node, shapes: dict) -> None:
     """Re-specialises the literal shapes in one node's arguments."""
     name = packet(node)
@@ -74,9 +83,9 @@ def _rewrite_args(node, shapes: dict) -> None:
     if name in _SHAPE_ARG and new is not None:
         i = _SHAPE_ARG[name]
         if i < len(args):
-            args[i] = list(new)
+            args[i] = _keep_inferred(args[i], new)
         elif "size" in node.kwargs:
-            node.kwargs = {**node.kwargs, "size": list(new)}
+            node.kwargs = {**node.kwargs, "size": _keep_inferred(node.kwargs["size"], new)}
     elif name in ("split", "split_with_sizes", "unsafe_split", "unsafe_split_with_sizes"):
         dim = args[2] if len(args) > 2 else node.kwargs.get("dim", 0)
         outs = sorted((u for u in node.users if u.target is operator.getitem), key=lambda u: u.args[1])

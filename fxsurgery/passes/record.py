@@ -34,6 +34,7 @@ class PassRecord:
     plans: list = field(default_factory=list)   # every plan of the chain, first to last
     changes: list = field(default_factory=list)  # every change of the chain (`what`), in order
     first: Traced | None = None    # the model the chain started from
+    sizes: str = ""                # which sizes follow the inputs (see passes/free_sizes.py)
 
     # the dict this record replaces ----------------------------------------------------------
     def __getitem__(self, key: str):
