@@ -178,6 +178,21 @@ def _write(gm, rules: dict, bindings: dict, hints: dict):
     return undo, [n for n in graph.nodes if n not in before], freed, kept
 
 
+def _run_at(gm, traced, args) -> None:
+    """Runs `gm` on `args`: on fake tensors (shapes only: this checks that the sizes compose,
+    at no cost of compute), or for real when an operator's output shape depends on values."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in args]
+    params = {k: mode.from_tensor(v) for k, v in gm.state_dict(keep_vars=True).items()}
+    with torch.no_grad():
+        try:
+            with mode, torch.nn.utils.stateless._reparametrize_module(gm, params):
+                traced.call(gm, fake)
+        except (DataDependentOutputException, DynamicOutputShapeException):
+            traced.call(gm, args)
+
+
 def _rules(traced):
     """(rules, bindings, axes, hints, what) for `traced`, or a string saying why there are
     none. axes: symbol -> every (input index, axis) that carries it."""
@@ -229,9 +244,7 @@ def _free_sizes(gm: torch.fx.GraphModule, traced, new_inputs: dict) -> str:
     try:
         # Every free axis one position longer (all the axes that carry the same size at once).
         grow = {ka: 1 for sym in bindings for ka in axes[sym]}
-        args = _resized([new_inputs[n] for n in traced.input_names], grow)
-        with torch.no_grad():
-            traced.call(gm, args)
+        _run_at(gm, traced, _resized([new_inputs[n] for n in traced.input_names], grow))
     except Exception as err:  # noqa: BLE001 - undone below, and said
         for node, a, kw in undo:
             node.args, node.kwargs = a, kw
