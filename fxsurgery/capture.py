@@ -317,7 +317,7 @@ def _export(model, args, names, strict: bool, dynamic: bool, notes: list):
 def _free_sizes(program, input_nodes, input_names, args, small) -> FreeSizes:
     """Concretises a program captured with free sizes and names the axes left fixed."""
     sizes = concretise(program, input_nodes)
-    free = set(sizes.symbols.values())
+    free = {ka for axes in sizes.axes.values() for ka in axes}   # every axis of a free size
     sizes.fixed = [(input_names[k], axis, n, f"the example has {n} position{'s' * (n != 1)}; give two "
                     "or more to free it") for k, axis, n in small]
     for k, x in enumerate(args):

@@ -44,6 +44,7 @@ def test_a_free_size_capture_names_its_free_and_fixed_sizes(R):
     assert t.sizes.free(t.input_names) == ["input_ids[0]", "input_ids[1]"]
     # input_ids and attention_mask share both sizes: one symbol each, every axis recorded.
     assert sorted(len(v) for v in t.sizes.axes.values()) == [2, 2]
+    assert t.sizes.fixed == []                   # attention_mask's axes are free too, not fixed
     assert t.sizes.literals                      # views and expands that spelled B and T
     # The analysis graph is static: no symbolic size is left in any value's metadata.
     for node in t.graph.nodes:
