@@ -24,7 +24,7 @@ import torch
 import torch.fx
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["FreeSizes", "dynamic_spec", "concretise"]
+__all__ = ["FreeSizes", "dynamic_spec", "concretise", "size_value"]
 
 
 @dataclass
@@ -68,7 +68,7 @@ def _is_symbolic(v) -> bool:
     return isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
-def _hinted(expr, hints: dict):
+def size_value(expr, hints: dict):
     """The value of a size expression on the example inputs, or None when it involves a size
     the inputs do not determine (an unbacked size from nonzero)."""
     expr = sympy.sympify(expr)
@@ -93,7 +93,7 @@ def _concrete_val(val, hints: dict):
 
 
 def _size(s, hints: dict):
-    return _hinted(s.node.expr, hints) if isinstance(s, torch.SymInt) else s
+    return size_value(s.node.expr, hints) if isinstance(s, torch.SymInt) else s
 
 
 def concretise(program: torch.export.ExportedProgram, input_nodes: list[str]) -> FreeSizes:
@@ -140,7 +140,7 @@ def _concretise_graph(gm: torch.fx.GraphModule, prefix: str, sizes: FreeSizes) -
         for pos, v in enumerate(flat):
             if isinstance(v, torch.fx.Node) and _is_symbolic(v.meta.get("val")):
                 expr = v.meta["val"].node.expr
-                value = _hinted(expr, sizes.hints)
+                value = size_value(expr, sizes.hints)
                 if value is None:
                     continue                  # an unbacked size stays a node
                 found[pos] = expr

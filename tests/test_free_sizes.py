@@ -167,7 +167,7 @@ def test_the_check_at_other_sizes_catches_a_literal_left_fixed(monkeypatch, R):
     b = R.gpt2()
     t = fs.trace(b.model, b.inputs, b.features, dynamic=True)
     real = F._emit
-    monkeypatch.setattr(F, "_emit", lambda graph, expr, sizes: int(F._value(expr, t.sizes.hints))
+    monkeypatch.setattr(F, "_emit", lambda graph, expr, sizes: int(F.size_value(expr, t.sizes.hints))
                         if not expr.is_Integer else real(graph, expr, sizes))
     gm = fs.passes.widen(t, "transformer.h.0.mlp.c_fc", by=8)
     assert gm.meta["fxsurgery"].sizes.startswith("fixed (with input_ids[0], input_ids[1] free the module fails")

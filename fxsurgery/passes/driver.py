@@ -72,8 +72,8 @@ def as_traced(model, inputs=None, features=None) -> Traced:
         # Captured here with free sizes: the pass then needs no second capture to free them. An
         # example batch of one would stay fixed that way (export specialises sizes 0 and 1);
         # captured statically, the batch is freed from a second capture with one more row.
-        values = inputs.values() if isinstance(inputs, Mapping) else inputs
-        values = values if isinstance(values, (tuple, list, type({}.values()))) else (values,)
+        values = list(inputs.values()) if isinstance(inputs, Mapping) else \
+            list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
         dynamic = all(x.shape[0] >= 2 for x in values if isinstance(x, torch.Tensor) and x.dim())
         return trace(model, inputs, features, dynamic=dynamic)
 

@@ -28,6 +28,7 @@ import torch.fx
 from torch.utils._pytree import tree_flatten
 
 from ..capture import trace
+from ..sizes import size_value
 
 __all__ = ["free_sizes"]
 
@@ -93,12 +94,6 @@ def _diff_rules(old_graph, alt_graph, b: int, symbol) -> dict | None:
     return rules
 
 
-def _value(expr, hints: dict) -> int | None:
-    expr = sympy.sympify(expr)
-    value = sympy.sympify(expr.xreplace({s: hints[s.name] for s in expr.free_symbols if s.name in hints}))
-    return int(value) if value.is_number else None
-
-
 def _adjusted(expr, old: int, new: int, hints: dict):
     """The rule for a literal the pass changed from `old` to `new`: the expression with its
     constant factor rescaled (`64*s0*s1` -> `96*s0*s1`) or its constant term moved
@@ -114,7 +109,7 @@ def _adjusted(expr, old: int, new: int, hints: dict):
             return scaled * mono
         return None
     if rest.is_polynomial() and sympy.Poly(rest).total_degree() == 1:
-        return rest + (new - _value(rest, hints))
+        return rest + (new - size_value(rest, hints))
     return None
 
 
@@ -163,7 +158,7 @@ def _write(gm, rules: dict, bindings: dict, hints: dict):
         for pos, expr in rule.items():
             if type(flat[pos]) is not int:
                 continue
-            expr = _adjusted(expr, _value(expr, hints), flat[pos], hints)
+            expr = _adjusted(expr, size_value(expr, hints), flat[pos], hints)
             try:
                 if expr is None:
                     raise ValueError("the pass changed it")
