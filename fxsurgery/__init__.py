@@ -8,6 +8,7 @@ from .rules import REGISTRY
 from .gradient_map import GradientMapError, gradient_dependence, gradient_interaction_map
 from .surgery import SurgeryError, SurgeryPlan, SurgeryWarning, plan, transplant, verify
 from . import passes  # noqa: F401  (fs.passes.add_features, ...)
+from . import hf  # noqa: F401  (fs.hf.resize; transformers is imported when it is called)
 
 __all__ = ["Features", "Categories", "Label", "trace", "Traced", "interaction_map", "InteractionMap",
            "compare", "REGISTRY", "CaptureError", "InputError", "RuleError", "UnknownOperatorWarning",

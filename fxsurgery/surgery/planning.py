@@ -253,7 +253,7 @@ def _non_persistent(model: torch.nn.Module) -> set[str]:
 @one_thread()   # a context manager made by contextmanager decorates too, afresh per call
 def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
          units: Mapping[str, list] | None = None, strict: bool = False,
-         new_categories: str = "zero", *, progress=None, old_map=None) -> SurgeryPlan:
+         new_categories: str = "zero", *, progress=None, old_map=None, new_map=None) -> SurgeryPlan:
     """Plans carrying the old model's weights into the new one.
 
     rename: old name prefix -> new name prefix, for modules or parameters that were renamed
@@ -283,6 +283,7 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
     old_map: the old model's interaction map, when the caller has just made it (a pass does):
         used if it is still the last map made of `old`'s graph, else the old model is mapped
         again.
+    new_map: likewise for the new model (fs.hf.resize maps it first, to find a new layer's writes).
     """
     for what, t in (("old", old), ("new", new)):
         if not isinstance(t, Traced):
@@ -301,7 +302,8 @@ def plan(old: Traced, new: Traced, rename: Mapping[str, str] | None = None,
         old_points = graph_points(old)
         old_fallbacks = fallback_points(old)
         old_splits = unit_splits(old, old_map.pool)
-        new_map = interaction_map(new, progress=progress)
+        if new_map is None or not current_map(new, new_map):
+            new_map = interaction_map(new, progress=progress)
     new_outputs = output_keys(new)
     new_splits = unit_splits(new, new_map.pool)
     points = graph_points(new)
