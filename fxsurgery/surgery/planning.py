@@ -231,6 +231,20 @@ class SurgeryPlan:
                 raise SurgeryError(f"the old model's {p.old_name} is on the meta device: it has no weights to "
                                    "copy; load its checkpoint first (nothing was written)")
 
+    # training state ---------------------------------------------------------------------
+    def masks(self) -> dict:
+        """{new parameter name: ElementMasks(copied, new, zeroed)}: boolean tensors of its shape,
+        for freezing copied elements or giving new ones their own learning rate."""
+        from .training_state import element_masks
+        return element_masks(self)
+
+    def carry_optimizer(self, old_optimizer, new_optimizer):
+        """Loads the old optimizer's state (Adam's moments and step, SGD's momentum) into
+        `new_optimizer`, built over the new model's parameters: copied elements keep their
+        state, new ones start at zero. Returns `new_optimizer`."""
+        from .training_state import carry_optimizer
+        return carry_optimizer(self, old_optimizer, new_optimizer)
+
     def apply_to_checkpoint(self, src, dst, **kwargs):
         """Carries the weights from the checkpoint `src` (a safetensors file or a directory of
         shards) into a new sharded checkpoint `dst`, tensor by tensor: both models may be on the
