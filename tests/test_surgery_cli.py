@@ -192,3 +192,34 @@ def test_the_output_is_never_the_old_checkpoint(tmp_path, capsys):
                  "--old-weights", str(path), "-o", str(tmp_path / "." / "old.pt"), "--quiet"]) == 2
     assert "is the old checkpoint (--old-weights)" in capsys.readouterr().err
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["old.pt"]
+
+
+def test_transplant_carries_the_optimizer_state(tmp_path, capsys):
+    model = old_mlp()[0]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for s in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 4, generator=torch.Generator().manual_seed(s))).square().sum().backward()
+        opt.step()
+    torch.save(model.state_dict(), tmp_path / "old.pt")
+    torch.save(opt.state_dict(), tmp_path / "old.optim.pt")
+    out, optim_out = tmp_path / "new.pt", tmp_path / "new.optim.pt"
+    args = ["transplant", "--old", "test_surgery_cli:old_mlp", "--new", "test_surgery_cli:new_mlp",
+            "--old-weights", str(tmp_path / "old.pt"), "-o", str(out), "--quiet"]
+    assert main(args + ["--optimizer-state", str(tmp_path / "old.optim.pt"),
+                        "--optimizer-output", str(optim_out)]) == 0
+    new_model = new_mlp()[0]
+    new_model.load_state_dict(torch.load(out, weights_only=True))
+    new_opt = torch.optim.Adam(new_model.parameters(), lr=1e-2)
+    new_opt.load_state_dict(torch.load(optim_out, weights_only=True))
+    st, old_st = new_opt.state[new_model.fc1.weight], opt.state[model.fc1.weight]
+    assert torch.equal(st["exp_avg"][:8, 1:5], old_st["exp_avg"]) and not st["exp_avg"][:, [0, 5]].any()
+    assert torch.equal(st["step"], old_st["step"])
+    capsys.readouterr()
+    assert main(args[:-3] + ["-o", str(tmp_path / "x.pt"), "--optimizer-state", str(tmp_path / "old.optim.pt")]) == 2
+    assert "go together" in capsys.readouterr().err
+    torch.save({"not": "an optimizer"}, tmp_path / "bad.pt")
+    assert main(args[:-3] + ["-o", str(tmp_path / "x.pt"), "--optimizer-state", str(tmp_path / "bad.pt"),
+                             "--optimizer-output", str(tmp_path / "y.pt")]) == 2
+    assert "is not an optimizer state_dict" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists() and not (tmp_path / "y.pt").exists()

@@ -34,7 +34,17 @@ def check_outputs(args) -> None:
         raise CliError(f"writing {args.output!r} needs the safetensors package (pip install safetensors); "
                        "or write a .pt file")
     check_output(args.output, "the new checkpoint", "-o")
-    check_distinct([(args.output, "-o", "the new checkpoint")], input_files(args))
+    outputs = [(args.output, "-o", "the new checkpoint")]
+    if args.optimizer_state is not None or args.optimizer_output is not None:
+        if args.optimizer_state is None or args.optimizer_output is None:
+            raise CliError("--optimizer-state (the old optimizer's state_dict) and --optimizer-output (where to "
+                           "write the new one) go together")
+        if not os.path.isfile(args.optimizer_state):
+            raise CliError(f"--optimizer-state {args.optimizer_state!r} does not exist")
+        check_output(args.optimizer_output, "the new optimizer state", "--optimizer-output")
+        outputs.append((args.optimizer_output, "--optimizer-output", "the new optimizer state"))
+    check_distinct(outputs, input_files(args) + [(args.optimizer_state, "--optimizer-state",
+                                                  "the old optimizer state")])
 
 
 def apply_plan(p, args) -> torch.nn.Module:
@@ -54,8 +64,22 @@ def apply_plan(p, args) -> torch.nn.Module:
     return model
 
 
-def save(model: torch.nn.Module, path: str) -> None:
+def _load_optimizer_state(path: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CliError(f"--optimizer-state {path!r} cannot be read as an optimizer state_dict: {e}") from e
+    if not isinstance(state, dict) or "state" not in state or "param_groups" not in state:
+        raise CliError(f"--optimizer-state {path!r} is not an optimizer state_dict (torch.save(optimizer.state_dict())"
+                       ", with 'state' and 'param_groups')")
+    return state
+
+
+def save(model: torch.nn.Module, path: str, optimizer=None) -> None:
+    """Writes the checkpoint (and the optimizer state, `(path, state_dict)`): all or nothing."""
     with Outputs() as out:
+        if optimizer is not None:
+            out.write(optimizer[0], lambda f: torch.save(optimizer[1], f), "the new optimizer state")
         if path.endswith(".safetensors"):
             from safetensors.torch import save_model
             out.write_path(path, lambda tmp: save_model(model, tmp), "the new checkpoint")
@@ -82,6 +106,9 @@ def make_meta_plan(args):
 
 
 def run_streaming(args) -> int:
+    if args.optimizer_state is not None:
+        raise CliError("--optimizer-state is carried in memory: write a checkpoint file (-o new.pt), not a "
+                       "directory (streamed on the meta device)")
     if args.verify:
         raise CliError("--verify needs both models in memory, and with -o a directory they stay on the meta "
                        "device (the weights are streamed); load the written checkpoint to check it, or write "
@@ -108,9 +135,18 @@ def run(args) -> int:
         raise CliError(f"--old-weights {args.old_weights!r} is a checkpoint directory: give -o a directory too "
                        "(the weights are streamed into it shard by shard), or a single checkpoint file")
     check_outputs(args)
+    old_optimizer = _load_optimizer_state(args.optimizer_state) if args.optimizer_state else None
     p = make_plan(args, need_weights=True)
     model = apply_plan(p, args)
-    save(model, args.output)
+    if old_optimizer is None:
+        save(model, args.output)
+    else:
+        from ..surgery.training_state import carry_optimizer_state_dict
+        try:
+            state = carry_optimizer_state_dict(p, old_optimizer, [n for n, _ in model.named_parameters()])
+        except Exception as e:
+            raise CliError(f"--optimizer-state {args.optimizer_state!r}: {e}") from e
+        save(model, args.output, optimizer=(args.optimizer_output, state))
     print_plan(p, args)
     if args.verify:
         from ..surgery import verify
@@ -127,6 +163,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("-o", "--output", required=True,
                    help="where to write the new checkpoint: a .pt or .safetensors file, or a directory "
                         "(streamed shard by shard, the models on the meta device)")
+    p.add_argument("--optimizer-state", metavar="FILE",
+                   help="the old optimizer's state_dict (torch.save(optimizer.state_dict()), the optimizer built "
+                        "over model.parameters()): carried element by element (copied elements keep their state, "
+                        "new ones start at zero) into --optimizer-output, for an optimizer built over the new "
+                        "model's parameters()")
+    p.add_argument("--optimizer-output", metavar="FILE", help="where to write the new optimizer state_dict")
     p.add_argument("--verify", type=int, default=0, metavar="N",
                    help="compare old and new on N random inputs after the transplant")
     p.set_defaults(run=run)
