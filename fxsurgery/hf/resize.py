@@ -98,15 +98,16 @@ def resize(model, *, tokenizer=None, add_tokens=None, new_tokens: str = "mean", 
             new_t = trace(new, new_inputs, new_features)
             old_map, new_map = interaction_map(old_t), interaction_map(new_t)
         choices = writer_aliases(new_map, old_map, lists, rename, _non_persistent(new) | _non_persistent(model))
-        for aliases in choices[:_CHOICES]:
+        for tried, aliases in enumerate(choices[:_CHOICES]):
             p = make_plan(old_t, new_t, rename=rename, units=aliases, new_categories=new_tokens,
                           old_map=old_map, new_map=new_map)
             if not any(i.kind == "unmatched" for i in p.issues):
                 break
         else:
-            aliases = choices[0]
-            p = make_plan(old_t, new_t, rename=rename, units=aliases, new_categories=new_tokens,
-                          old_map=old_map, new_map=new_map)
+            if tried:   # none matched everything: the first choice, whose plan says where
+                aliases = choices[0]
+                p = make_plan(old_t, new_t, rename=rename, units=aliases, new_categories=new_tokens,
+                              old_map=old_map, new_map=new_map)
         p.apply()
         p.issues += initialise(new, lists, aliases, new_layers)
         if aliases:
