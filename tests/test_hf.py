@@ -287,3 +287,33 @@ def test_a_change_that_cannot_preserve_says_so():
     with pytest.warns(fs.SurgeryWarning, match="normalis"):
         new, plan = fs.hf.resize(old, hidden_size=64)     # a LayerNorm over the widened stream
     assert type(new) is GPT2LMHeadModel and not plan.preserves_function
+
+
+def test_the_optimizer_follows_the_layers():
+    """Adam's state carried through a resize that moves layers (old layer 1 becomes layer 2) and
+    widens the MLP: the next step moves every copied element as the old model's next step does."""
+    old = llama()
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(4))
+    opt = torch.optim.Adam(old.parameters(), lr=1e-3)
+    for _ in range(2):
+        opt.zero_grad()
+        old(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    new, plan = _resize(old, num_hidden_layers=3, layers_at=1, intermediate_size=64)
+    new_opt = plan.carry_optimizer(opt, torch.optim.Adam(new.parameters(), lr=1e-3))
+    for model, o in ((old, opt), (new, new_opt)):
+        o.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        o.step()
+    from fxsurgery.surgery.apply import build
+    sd_old, sd_new = old.state_dict(), new.state_dict()
+    masks = plan.masks()
+    moved = 0
+    for name, m in masks.items():
+        p = plan.params[name]
+        if p.old_name is None:
+            continue
+        expected = build(p.match, sd_old[p.old_name], torch.zeros_like(sd_new[name]))
+        assert torch.allclose(sd_new[name][m.copied], expected[m.copied], atol=1e-6), name
+        moved += name.startswith("model.layers.2.")
+    assert moved > 0                                       # the moved layer was checked too
