@@ -98,6 +98,9 @@ PRESERVING = [
     (gpt2, dict(num_hidden_layers=4)),
     (gpt2, dict(n_layer=3, layers_at=0)),
     (gpt2, dict(num_hidden_layers=5, layers_at=[0, 2, 4])),
+    (gpt2, dict(hidden_size=64, num_attention_heads=8)),        # the stream 2x through LayerNorm
+    (gpt2, dict(n_embd=48, n_head=6)),                          # ... 1.5x
+    (gpt2, dict(hidden_size=64, num_attention_heads=8, num_hidden_layers=4)),   # width and depth at once
     (llama, dict(intermediate_size=96)),
     (llama, dict(num_attention_heads=8, num_key_value_heads=4)),
     (llama, dict(num_hidden_layers=4, layers_at=[1, 3])),
@@ -284,9 +287,12 @@ def test_not_a_transformers_model():
 
 def test_a_change_that_cannot_preserve_says_so():
     old = gpt2()
-    with pytest.warns(fs.SurgeryWarning, match="normalis"):
-        new, plan = fs.hf.resize(old, hidden_size=64)     # a LayerNorm over the widened stream
+    with pytest.warns(fs.SurgeryWarning, match="scores sum over old and new head dimensions"):
+        new, plan = fs.hf.resize(old, hidden_size=64)     # wider heads: every score changes
     assert type(new) is GPT2LMHeadModel and not plan.preserves_function
+    with pytest.warns(fs.SurgeryWarning, match="reduces old positions together with new"):
+        new, plan = fs.hf.resize(llama(), hidden_size=64)  # RMSNorm written element-wise
+    assert not plan.preserves_function
 
 
 def test_the_optimizer_follows_the_layers():
@@ -317,3 +323,40 @@ def test_the_optimizer_follows_the_layers():
         assert torch.allclose(sd_new[name][m.copied], expected[m.copied], atol=1e-6), name
         moved += name.startswith("model.layers.2.")
     assert moved > 0                                       # the moved layer was checked too
+
+
+def test_a_widened_stream_trains():
+    old = gpt2()
+    new, plan = _resize(old, hidden_size=64, num_attention_heads=8)
+    assert new.config.layer_norm_epsilon == pytest.approx(old.config.layer_norm_epsilon / 2)
+    assert any("LEMON" in n for n in plan.notes)
+    new.train()
+    opt = torch.optim.Adam(new.parameters(), lr=1e-2)
+    ids = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(5))
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = new(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_planted_bug_zeros_for_layer_norm_are_caught(monkeypatch):
+    """Filling the stream's new coordinates with zeros (RMSNorm's choice) under a LayerNorm
+    moves its mean: the verification and this file's comparison both catch it."""
+    norms = sys.modules["fxsurgery.hf.norms"]
+    real = norms._fill
+    monkeypatch.setattr(norms, "_fill", lambda value, axis, old, fill: real(value, axis, old, "zero"))
+    old = gpt2()
+    with pytest.warns(fs.SurgeryWarning, match="verify"):
+        new, plan = fs.hf.resize(old, hidden_size=64, num_attention_heads=8)
+    assert not plan.preserves_function and _deviation(old, new) > 1e-3
+
+
+def test_a_post_norm_stream_is_not_claimed():
+    old = bert()
+    with pytest.warns(fs.SurgeryWarning, match="verify"):
+        new, plan = fs.hf.resize(old, hidden_size=64, num_attention_heads=8)
+    assert not plan.preserves_function and _deviation(old, new) > 1e-3

@@ -13,7 +13,7 @@ import copy
 
 from ..surgery.errors import SurgeryError
 
-__all__ = ["SIZE_FIELDS", "resolve_changes", "new_config", "layers_field"]
+__all__ = ["SIZE_FIELDS", "resolve_changes", "new_config", "layers_field", "hidden_field"]
 
 # The usual name -> the names other families give the same size (first found wins).
 SIZE_FIELDS = {
@@ -82,6 +82,14 @@ def new_config(config, fields: dict):
 def layers_field(config, fields: dict) -> str | None:
     """The config attribute of the layer count, if `fields` changes it."""
     for name in ("num_hidden_layers", *SIZE_FIELDS["num_hidden_layers"]):
+        if _has(config, name) and _field(config, name) in fields:
+            return _field(config, name)
+    return None
+
+
+def hidden_field(config, fields: dict) -> str | None:
+    """The config attribute of the residual stream's width, if `fields` changes it."""
+    for name in ("hidden_size", *SIZE_FIELDS["hidden_size"]):
         if _has(config, name) and _field(config, name) in fields:
             return _field(config, name)
     return None

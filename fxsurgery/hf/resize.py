@@ -22,7 +22,9 @@ from ..surgery.planning import NEW_CATEGORIES, _non_persistent, plan as make_pla
 from ..surgery.verify import verify
 from .config import new_config, resolve_changes
 from .examples import example, token_names
-from .config import layers_field
+from ..surgery.renames import rename_prefix
+from .config import hidden_field, layers_field
+from .norms import scaled_epsilons, widen_through_norms
 from .layers import NEW_LAYERS, initialise, layer_lists, per_layer_fields, place, renames, writer_aliases
 
 __all__ = ["resize"]
@@ -82,6 +84,10 @@ def resize(model, *, tokenizer=None, add_tokens=None, new_tokens: str = "mean", 
     if layers is not None:   # per-layer config entries follow the layers (before the model is built)
         old_n, new_n = getattr(config, layers), fields[layers]
         extra = per_layer_fields(config, old_n, place(layers, old_n, new_n, layers_at))
+    hidden = hidden_field(config, fields)
+    widened = hidden is not None and fields[hidden] > getattr(config, hidden)
+    if widened:   # LEMON: the norms' epsilon scales with the stream's width (norms.py)
+        extra.update(scaled_epsilons(config, getattr(config, hidden) / fields[hidden]))
     new = _build(model, new_config(config, {**fields, **extra}), fields)
     lists = [place(n, o, k, layers_at) for n, o, k in layer_lists(model, new)]
     if layers_at is not None and not lists:
@@ -116,6 +122,10 @@ def resize(model, *, tokenizer=None, add_tokens=None, new_tokens: str = "mean", 
             p.notes.append(f"resize added layer(s) {', '.join(ll.prefix(j) for ll in lists for j in ll.inserted)}: "
                            f"their writes into the residual stream ({', '.join(sorted(aliases))}) were {made}, "
                            f"the rest is {'a copy of the layer before' if new_layers != 'fresh' else 'as built'}")
+        if widened:
+            back = {v: k for k, v in rename.items()}
+            p.notes += widen_through_norms(p, new, model, getattr(config, hidden), fields[hidden],
+                                           lambda n: rename_prefix(n, back))
         p.verification = verify(p)
         p.config_changes = {k: (getattr(config, k, None), v) for k, v in fields.items()}
     finally:
@@ -126,7 +136,9 @@ def resize(model, *, tokenizer=None, add_tokens=None, new_tokens: str = "mean", 
                               f"(tolerance {tol:g}) although no operator or parameter was found to change the "
                               "function (a new layer after a norm that renormalises the stream is one way)"))
     if not p.preserves_function:
-        why = "; ".join(str(i) for i in p.issues if i.blocking)[:600]
+        why = [str(i) for i in p.issues if i.blocking]
+        why += [f"{q.name}: re-initialised ({q.match.unexplained})" for q in p.params.values() if q.match.unexplained]
+        why = "; ".join(why)[:600]
         warnings.warn(f"resize: the new {type(new).__name__} does not compute what the old one did: {why}",
                       SurgeryWarning, stacklevel=2)
     if added_ids:
