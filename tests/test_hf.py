@@ -101,6 +101,10 @@ PRESERVING = [
     (gpt2, dict(hidden_size=64, num_attention_heads=8)),        # the stream 2x through LayerNorm
     (gpt2, dict(n_embd=48, n_head=6)),                          # ... 1.5x
     (gpt2, dict(hidden_size=64, num_attention_heads=8, num_hidden_layers=4)),   # width and depth at once
+    (llama, dict(hidden_size=64)),                              # the stream 2x through RMSNorm
+    (llama, dict(hidden_size=48, num_hidden_layers=3, intermediate_size=64,
+                 num_attention_heads=6, num_key_value_heads=3)),  # 1.5x, and everything else at once
+    (qwen2, dict(hidden_size=64, num_hidden_layers=4, layers_at=[0, 2])),
     (llama, dict(intermediate_size=96)),
     (llama, dict(num_attention_heads=8, num_key_value_heads=4)),
     (llama, dict(num_hidden_layers=4, layers_at=[1, 3])),
@@ -290,9 +294,25 @@ def test_a_change_that_cannot_preserve_says_so():
     with pytest.warns(fs.SurgeryWarning, match="scores sum over old and new head dimensions"):
         new, plan = fs.hf.resize(old, hidden_size=64)     # wider heads: every score changes
     assert type(new) is GPT2LMHeadModel and not plan.preserves_function
-    with pytest.warns(fs.SurgeryWarning, match="reduces old positions together with new"):
-        new, plan = fs.hf.resize(llama(), hidden_size=64)  # RMSNorm written element-wise
+    with pytest.warns(fs.SurgeryWarning, match="re-initialised"):
+        new, plan = fs.hf.resize(vit(), hidden_size=64, num_attention_heads=8)   # a class token's labels
     assert not plan.preserves_function
+
+
+def test_element_wise_rms_norms_are_fused_for_the_analysis():
+    from fxsurgery.hf.examples import example, token_names
+    from fxsurgery.passes.fuse_norms import fuse_rms_norm
+    old = llama()
+    inputs, features = example(old, token_names(VOCAB))
+    t = fs.trace(old, inputs, features)
+    assert t.graph_module is t.program.graph_module
+    before = t.program.module()(*[inputs[n] for n in t.input_names])
+    assert fuse_rms_norm(t.graph_module) == 5              # two per layer and the final one
+    ops = [n.target for n in t.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.aten.rms_norm.default) == 5 and torch.ops.aten.rsqrt.default not in ops
+    after = t.program.module()(*[inputs[n] for n in t.input_names])
+    assert torch.allclose(before[0], after[0], atol=1e-6)
+    assert fuse_rms_norm(t.graph_module) == 0              # nothing left to fuse
 
 
 def test_the_optimizer_follows_the_layers():

@@ -65,13 +65,16 @@ def resolve_changes(config, changes: dict) -> dict:
 
 
 def new_config(config, fields: dict):
-    """A copy of `config` with `fields` set. Adding heads keeps each head's width: a config
-    without a `head_dim` field (Qwen2, Mistral read `getattr(config, "head_dim", hidden //
-    heads)`) is given the old one, so that the new heads are whole heads of the old width."""
+    """A copy of `config` with `fields` set. A change of heads or of the stream's width keeps
+    each head's width: a config without a `head_dim` field (Qwen2, Mistral read
+    `getattr(config, "head_dim", hidden // heads)`) is given the old one, so that new heads are
+    whole heads of the old width and a wider stream keeps its heads. (GPT-2 and BERT compute
+    the head width from the stream's: there the heads must grow with it.)"""
     new = copy.deepcopy(config)
     heads = _field(config, "num_attention_heads") if _has_any(config, "num_attention_heads") else None
-    if heads in fields and not _has_any(config, "head_dim") and _has_any(config, "hidden_size"):
-        hidden = getattr(config, _field(config, "hidden_size"))
+    width = _field(config, "hidden_size") if _has_any(config, "hidden_size") else None
+    if heads and width and (heads in fields or width in fields) and not _has_any(config, "head_dim"):
+        hidden = getattr(config, width)
         if hidden and getattr(config, heads) and hidden % getattr(config, heads) == 0:
             new.head_dim = hidden // getattr(config, heads)
     for attr, value in fields.items():

@@ -22,6 +22,7 @@ from ..surgery.planning import NEW_CATEGORIES, _non_persistent, plan as make_pla
 from ..surgery.verify import verify
 from .config import new_config, resolve_changes
 from .examples import example, token_names
+from ..passes.fuse_norms import fuse_rms_norm
 from ..surgery.renames import rename_prefix
 from .config import hidden_field, layers_field
 from .norms import scaled_epsilons, widen_through_norms
@@ -102,6 +103,7 @@ def resize(model, *, tokenizer=None, add_tokens=None, new_tokens: str = "mean", 
             warnings.filterwarnings("ignore", message=".*_flat_weights.*")
             old_t = trace(model, old_inputs, old_features)
             new_t = trace(new, new_inputs, new_features)
+            fused = [fuse_rms_norm(t.graph_module) for t in (old_t, new_t)]
             old_map, new_map = interaction_map(old_t), interaction_map(new_t)
         choices = writer_aliases(new_map, old_map, lists, rename, _non_persistent(new) | _non_persistent(model))
         for tried, aliases in enumerate(choices[:_CHOICES]):
@@ -126,6 +128,9 @@ def resize(model, *, tokenizer=None, add_tokens=None, new_tokens: str = "mean", 
             back = {v: k for k, v in rename.items()}
             p.notes += widen_through_norms(p, new, model, getattr(config, hidden), fields[hidden],
                                            lambda n: rename_prefix(n, back))
+        if any(fused):
+            p.notes.append(f"{fused[1]} RMSNorm(s) written element-wise were fused into aten.rms_norm for the "
+                           "analysis (passes/fuse_norms.py), so that the stream's positions stay apart")
         p.verification = verify(p)
         p.config_changes = {k: (getattr(config, k, None), v) for k, v in fields.items()}
     finally:
