@@ -349,7 +349,10 @@ def test_a_widened_stream_trains():
     old = gpt2()
     new, plan = _resize(old, hidden_size=64, num_attention_heads=8)
     assert new.config.layer_norm_epsilon == pytest.approx(old.config.layer_norm_epsilon / 2)
-    assert any("LEMON" in n for n in plan.notes)
+    assert any("LEMON" in n and "drawn at random" in n for n in plan.notes)
+    # The readers of the new coordinates are drawn (zero readers would leave them no gradient).
+    assert new.transformer.h[0].attn.c_attn.weight[32:].abs().min() > 0
+    assert new.transformer.h[1].mlp.c_fc.weight[32:].abs().min() > 0
     new.train()
     opt = torch.optim.Adam(new.parameters(), lr=1e-2)
     ids = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(5))
@@ -380,3 +383,26 @@ def test_a_post_norm_stream_is_not_claimed():
     with pytest.warns(fs.SurgeryWarning, match="verify"):
         new, plan = fs.hf.resize(old, hidden_size=64, num_attention_heads=8)
     assert not plan.preserves_function and _deviation(old, new) > 1e-3
+
+
+def test_a_widened_rms_norm_stream_gets_gradients_at_its_new_coordinates():
+    old = llama()
+    new, plan = _resize(old, hidden_size=64)
+    assert new.model.layers[0].self_attn.q_proj.weight[:, 32:].abs().min() > 0
+    assert not new.model.embed_tokens.weight[:, 32:].any()          # RMSNorm: the new coordinates are zero
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(6))
+    new.train()
+    new(input_ids=ids, labels=ids).loss.backward()
+    grad = new.model.embed_tokens.weight.grad[:, 32:]
+    assert grad.abs().sum() > 0
+    # ... and not the same gradient at every new coordinate: they can learn apart.
+    assert not torch.allclose(grad[:, :1].expand_as(grad), grad)
+
+
+def test_planted_bug_zero_readers_leave_the_new_coordinates_without_gradient(monkeypatch):
+    monkeypatch.setattr(sys.modules["fxsurgery.hf.norms"], "_wake_readers", lambda *a, **k: [])
+    new, _ = _resize(llama(), hidden_size=64)
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(6))
+    new.train()
+    new(input_ids=ids, labels=ids).loss.backward()
+    assert not new.model.embed_tokens.weight.grad[:, 32:].any()    # what the test above rules out

@@ -69,11 +69,19 @@ def _norms(old_model, new_model, rename_back, old_width: int, new_width: int) ->
     return out
 
 
-def widen_through_norms(plan, new_model, old_model, old_width: int, new_width: int, rename_back) -> list[str]:
+def widen_through_norms(plan, new_model, old_model, old_width: int, new_width: int, rename_back,
+                        seed: int | None = 0) -> list[str]:
     """Rewrites, in `new_model` (after `plan.apply()`), the writers of the widened stream and
     the norms over it as the module docstring says, and drops the plan's normalisation issues
     at those norms. Returns notes, or [] when the construction does not apply (norms of two
-    kinds over one stream, or none recognised)."""
+    kinds over one stream, or none recognised).
+
+    With a `seed`, the weights that read the norms' outputs at the new coordinates (the
+    planner zeroed them: they meet new labels) are drawn at random instead. The norms' outputs
+    there are exactly zero, so the function does not change; but zero readers would leave the
+    new coordinates without a gradient (an RMSNorm's output there is w * 0, a LayerNorm's its
+    zero bias), and all of them equal, so that they would never learn: random readers give each
+    new coordinate its own gradient from the first step."""
     norms = _norms(old_model, new_model, rename_back, old_width, new_width)
     if not norms or len(set(norms.values())) != 1:
         return []
@@ -106,14 +114,17 @@ def widen_through_norms(plan, new_model, old_model, old_width: int, new_width: i
             w[~old] = w[old].mean() if fill == "mean" else 1.0
             if b is not None:
                 b[~old] = 0
+    readers = _wake_readers(state, masks, plan, norms, writers, new_width, seed) if seed is not None else []
     handled = {f"({n})" for n in norms}
     plan.issues = [i for i in plan.issues
                    if not (i.kind == "normalisation" and any(h in i.where for h in handled))]
+    woken = (f"; the {len(readers)} parameter(s) reading the new coordinates drawn at random (seed {seed}), "
+             "which the zero norm outputs there keep exact") if readers else ""
     return [f"the residual stream is widened from {old_width} to {new_width} through {len(norms)} norm(s) "
             f"({', '.join(sorted(norms)[:4])}{', ...' if len(norms) > 4 else ''}): its new coordinates are "
             f"written {'the mean of the old ones' if fill == 'mean' else 'as zeros'} by {len(writers)} writer "
             f"parameter(s), the norms' weights scaled by sqrt({old_width}/{new_width}) and their epsilon by "
-            f"{old_width}/{new_width} (LEMON's construction)"]
+            f"{old_width}/{new_width} (LEMON's construction){woken}"]
 
 
 def _old_positions(masks, plan, name, axis, value):
@@ -134,3 +145,40 @@ def _fill(value: torch.Tensor, axis: int, old: torch.Tensor, fill: str) -> None:
         moved[~old] = moved[old].mean(0, keepdim=True).to(moved.dtype)
     else:
         moved[~old] = 0
+
+
+def _wake_readers(state, masks, plan, norms, writers, width: int, seed: int) -> list[str]:
+    """Draws the zeroed slabs of the parameters that read the stream at its new coordinates
+    (see widen_through_norms). A reader is found by its mask alone: an axis of the stream's
+    width along which every new coordinate's slab was zeroed by the plan."""
+    norm_weight = next(f"{n}.weight" for n in norms)
+    old = _old_positions(masks, plan, norm_weight, 0, state[norm_weight])
+    if old is None:
+        return []
+    new_pos = torch.nonzero(~old).reshape(-1)
+    skip = {f"{n}.{p}" for n in norms for p in ("weight", "bias")}
+    taken = {state[w].data_ptr() for w in writers}   # a tied reader is a writer too: left alone
+    g = torch.Generator().manual_seed(seed)
+    drawn = []
+    with torch.no_grad():
+        for name, entry in plan.params.items():
+            value = state.get(name)
+            if name in skip or name in writers or value is None or entry.old_name is None or \
+                    value.data_ptr() in taken or name not in masks or not value.is_floating_point():
+                continue
+            zeroed = masks[name].zeroed
+            for axis in range(value.dim()):
+                if value.shape[axis] != width or value.dim() < 2:
+                    continue
+                slab = zeroed.index_select(axis, new_pos)
+                if not bool(slab.all()):
+                    continue
+                copied = value[masks[name].copied]
+                scale = float(copied.std()) if copied.numel() > 1 else 0.02
+                shape = list(value.shape)
+                shape[axis] = new_pos.numel()
+                noise = torch.randn(shape, generator=g, dtype=torch.float32).to(value.dtype) * scale
+                value.index_copy_(axis, new_pos, noise)
+                drawn.append(name)
+                break
+    return drawn
