@@ -155,6 +155,12 @@ def main(argv=None) -> int:
         print(f"the grown model reaches the from-scratch final loss at step {reached} of {args.steps}: "
               f"{args.steps - reached} steps and {100 * (1 - compute_grown / compute_scratch):.0f}% of the "
               "training compute saved")
+    # Equal compute: where the from-scratch run stood when it had spent what the grown run spent.
+    spent = 6 * tokens * (n_params(model) * half + n_params(big) * (args.steps - half))
+    equal = spent / (6 * tokens * n_params(scratch))
+    at_equal = min(scratch_log, key=lambda e: abs(e[0] - equal))
+    print(f"at equal training compute ({100 * spent / compute_scratch:.0f}% of the from-scratch run's, its step "
+          f"{at_equal[0]}): from scratch {at_equal[1]:.4f}, grown {grown_log[-1][1]:.4f}")
     print(f"wall time: grown {t_grown:.0f} s (growth itself {grow_seconds:.1f} s in the first half), "
           f"from scratch {t_scratch:.0f} s")
     try:
