@@ -122,13 +122,13 @@ def main(argv=None) -> int:
     t_grown = time.time() - t0
 
     # The small model trained on without growth: what growing adds.
-    kept, kept_opt = gpt2(**small, length=length, seed=0), None
+    kept = gpt2(**small, length=length, seed=0)
     kept.load_state_dict(model.state_dict())
     kept_opt = torch.optim.Adam(kept.parameters(), lr=lr)
     kept_opt.load_state_dict(opt.state_dict())
     kept_log = [entry for entry in grown_log if entry[0] <= half]
-    train(kept, kept_opt, batches(train_data, batch, length, seed=1, start=half), args.steps - half, held_out, every, kept_log,
-          offset=half)
+    train(kept, kept_opt, batches(train_data, batch, length, seed=1, start=half), args.steps - half, held_out, every,
+          kept_log, offset=half)
 
     t0 = time.time()
     scratch = gpt2(**large, length=length, seed=0)

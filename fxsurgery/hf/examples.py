@@ -39,7 +39,8 @@ def _length(config) -> int:
     return max(2, min(LENGTH, most)) if most else LENGTH
 
 
-def example(model, names: list[str] | None, channels: list[str] | None = None, high: int | None = None) -> tuple[dict, dict]:
+def example(model, names: list[str] | None, channels: list[str] | None = None,
+            high: int | None = None) -> tuple[dict, dict]:
     """(inputs, features) for `fs.trace`: token ids (with an attention mask whose last sequence
     is padded at the end, so that masks are exercised) for a text model, images for a vision
     model (`main_input_name` says which). Token ids are drawn below `high` (the old model's

@@ -27,9 +27,10 @@ import torch
 from ..surgery.errors import SurgeryError
 from ..surgery.issues import Issue
 from ..surgery.renames import rename_prefix
+from ..surgery.units import unit_sizes
 
 __all__ = ["NEW_LAYERS", "LayerList", "layer_lists", "per_layer_fields", "place", "renames", "writer_aliases",
-           "initialise"]
+           "initialise", "groups_in_keys", "owned_parameters"]
 
 NEW_LAYERS = ("copy", "fresh", "stack")
 
@@ -116,7 +117,7 @@ def _inside(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".") or name.startswith(prefix + ":")
 
 
-def _groups(imap, skip) -> set[str]:
+def groups_in_keys(imap, skip) -> set[str]:
     """The hidden axes (unit groups) whose labels the keys of `imap`'s parameters hold, except
     the parameters for which `skip(name)` is true."""
     pool = imap.pool
@@ -147,19 +148,18 @@ def writer_aliases(new_map, old_map, lists: list[LayerList], rename: dict, deriv
     joins is written by several embeddings (tokens and positions; a class token at one position
     and patches at the others), and the axis it stands for must be one present at every
     position, which the planner tells (a wrong one leaves elements unmatched)."""
-    from ..surgery.units import unit_sizes
     inserted = [(ll, j) for ll in lists for j in ll.inserted]
     if not inserted:
         return [{}]
     old_groups = unit_sizes(old_map.pool)
     prefixes = [ll.prefix(j) for ll, j in inserted]
-    reaching = _groups(new_map, lambda name, e: name in derived or
+    reaching = groups_in_keys(new_map, lambda name, e: name in derived or
                        any(_inside(a, p) for a in (e.aliases or (name,)) for p in prefixes))
     choices = [{}]
     for ll, j in inserted:
         first = not any(k < j for k in ll.new_of_old)
         if first:   # what the first old layer reads: the stream's groups from outside every layer
-            read = _groups(old_map, lambda name, e: name in derived or not _inside(name, ll.prefix(0)))
+            read = groups_in_keys(old_map, lambda name, e: name in derived or not _inside(name, ll.prefix(0)))
             entry = sorted(g for g in read if not _inside(g, ll.name))
         writers = sorted(g for g in reaching if _inside(g, ll.prefix(j)))
         if first and writers and not entry:
@@ -181,7 +181,7 @@ def writer_aliases(new_map, old_map, lists: list[LayerList], rename: dict, deriv
     return choices
 
 
-def _owned(state: dict, group: str) -> list[str]:
+def owned_parameters(state: dict, group: str) -> list[str]:
     """The parameters of the module a hidden axis is named after (`a.c_proj:1` -> a.c_proj.weight
     and a.c_proj.bias)."""
     base = group.rsplit(":", 1)[0] if ":" in group else group
@@ -194,7 +194,7 @@ def initialise(new_model, lists: list[LayerList], aliases: dict, how: str) -> li
     or left as built ("fresh"), and its stream writers zeroed (all but "stack"). Returns the
     issue "stack" raises."""
     state = new_model.state_dict()
-    writers = {n for g in aliases for n in _owned(state, g)}
+    writers = {n for g in aliases for n in owned_parameters(state, g)}
     issues = []
     with torch.no_grad():
         for ll in lists:

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from .layers import _groups, _owned
+from .layers import groups_in_keys, owned_parameters
 
 __all__ = ["EPSILON_FIELDS", "scaled_epsilons", "widen_through_norms"]
 
@@ -87,7 +87,7 @@ def widen_through_norms(plan, new_model, old_model, old_width: int, new_width: i
         return []
     fill = next(iter(norms.values()))
     norm_params = {f"{n}.{p}" for n in norms for p in ("weight", "bias")}
-    stream = _groups(plan.new_map, lambda name, e: not any(a in norm_params for a in (e.aliases or (name,))))
+    stream = groups_in_keys(plan.new_map, lambda name, e: not any(a in norm_params for a in (e.aliases or (name,))))
     state = new_model.state_dict()
     masks = plan.masks()
     shrink = math.sqrt(old_width / new_width)
@@ -95,7 +95,7 @@ def widen_through_norms(plan, new_model, old_model, old_width: int, new_width: i
     with torch.no_grad():
         for group in sorted(stream):
             axis = int(group.rsplit(":", 1)[1]) if ":" in group else 0
-            for name in _owned(state, group):
+            for name in owned_parameters(state, group):
                 value = state[name]
                 a = axis if value.dim() > axis else 0
                 if value.shape[a] != new_width:
