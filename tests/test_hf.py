@@ -406,3 +406,13 @@ def test_planted_bug_zero_readers_leave_the_new_coordinates_without_gradient(mon
     new.train()
     new(input_ids=ids, labels=ids).loss.backward()
     assert not new.model.embed_tokens.weight.grad[:, 32:].any()    # what the test above rules out
+
+
+def test_the_norms_scale_offset_is_measured():
+    """Gemma's RMSNorm multiplies by (1 + weight): widening scales the scale, not the weight."""
+    norms = sys.modules["fxsurgery.hf.norms"]
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    assert norms._offset(GemmaRMSNorm(6, eps=1e-6)) == 1.0
+    assert norms._offset(LlamaRMSNorm(6, eps=1e-6)) == 0.0
+    assert norms._offset(torch.nn.LayerNorm(7)) == 0.0

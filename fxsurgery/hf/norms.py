@@ -89,6 +89,7 @@ def widen_through_norms(plan, new_model, old_model, old_width: int, new_width: i
     norm_params = {f"{n}.{p}" for n in norms for p in ("weight", "bias")}
     stream = groups_in_keys(plan.new_map, lambda name, e: not any(a in norm_params for a in (e.aliases or (name,))))
     state = new_model.state_dict()
+    modules = dict(new_model.named_modules())
     masks = plan.masks()
     shrink = math.sqrt(old_width / new_width)
     writers = []
@@ -110,8 +111,12 @@ def widen_through_norms(plan, new_model, old_model, old_width: int, new_width: i
             old = _old_positions(masks, plan, f"{n}.weight", 0, w)
             if old is None:
                 continue
-            w[old] *= shrink
-            w[~old] = w[old].mean() if fill == "mean" else 1.0
+            # The scale the norm applies is offset + weight: Gemma's RMSNorm multiplies by
+            # (1 + weight); the offset is measured, not assumed (_offset).
+            offset = _offset(modules[n])
+            scale = (w[old].float() + offset) * shrink
+            w[old] = (scale - offset).to(w.dtype)
+            w[~old] = ((scale.mean() if fill == "mean" else 1.0) - offset)
             if b is not None:
                 b[~old] = 0
     readers = _wake_readers(state, masks, plan, norms, writers, new_width, seed) if seed is not None else []
@@ -182,3 +187,32 @@ def _wake_readers(state, masks, plan, norms, writers, width: int, seed: int) -> 
                 drawn.append(name)
                 break
     return drawn
+
+
+def _offset(module) -> float:
+    """The a in the norm's scale a + weight (0 for LayerNorm and Llama's RMSNorm, 1 for Gemma's),
+    measured: a copy with its weight and bias zeroed, on a row of +1 and -1 (mean 0, variance
+    and mean square 1), puts out a * x / sqrt(1 + eps)."""
+    import copy
+    probe = copy.deepcopy(module).float()
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.zero_()
+        n = probe.weight.shape[0]
+        x = torch.ones(1, n)
+        x[0, 1::2] = -1
+        if n % 2:
+            x[0, -1] = 0          # an odd row: keep the mean at zero (the statistic then differs: measured)
+        out = probe(x).float()
+        normalised = x / torch.sqrt((x * x).mean() + _eps(probe))
+        at = normalised.abs().argmax()
+        value = float(out.reshape(-1)[at] / normalised.reshape(-1)[at])
+    return float(round(value)) if abs(value - round(value)) < 1e-3 else value
+
+
+def _eps(module) -> float:
+    for name in ("eps", "variance_epsilon", "epsilon"):
+        v = getattr(module, name, None)
+        if isinstance(v, float):
+            return v
+    return 0.0
