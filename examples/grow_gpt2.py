@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=1200, help="training steps in all (growth at half)")
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate, for every model")
+    ap.add_argument("--new-scale", choices=("zero", "mean"), default="zero",
+                    help="Adam's second moment of new elements: zero, or the mean of the copied ones'")
     ap.add_argument("--quick", action="store_true", help="a few steps of tiny models (for the tests)")
     ap.add_argument("--plot", default="grow_gpt2.png", help="where to draw the curves (needs matplotlib)")
     args = ap.parse_args(argv)
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
         big, plan = fs.hf.resize(model, hidden_size=large["width"], num_attention_heads=large["heads"],
                                  num_hidden_layers=large["layers"])
     after = evaluate(big, held_out)
-    big_opt = plan.carry_optimizer(opt, torch.optim.Adam(big.parameters(), lr=lr))
+    big_opt = plan.carry_optimizer(opt, torch.optim.Adam(big.parameters(), lr=lr), new_scale=args.new_scale)
     grow_seconds = time.time() - t0
     train(big, big_opt, stream, args.steps - half, held_out, every, grown_log, offset=half)
     t_grown = time.time() - t0

@@ -112,3 +112,13 @@ def test_state_dict_form_and_bad_input():
         carry_optimizer_state_dict(plan, {"weights": 1}, names)
     with pytest.raises(fs.SurgeryError, match="not one of Sequential's"):
         plan.carry_optimizer(old_opt, torch.optim.Adam([torch.nn.Parameter(torch.ones(2))]))
+
+
+def test_new_elements_may_take_the_mean_second_moment():
+    old, old_opt, new, plan = _trained_pair(lambda p: torch.optim.Adam(p, lr=1e-2))
+    new_opt = plan.carry_optimizer(old_opt, torch.optim.Adam(new.parameters(), lr=1e-2), new_scale="mean")
+    m = plan.masks()["0.weight"]
+    st, old_st = new_opt.state[new[0].weight], old_opt.state[old[0].weight]
+    assert torch.allclose(st["exp_avg_sq"][m.new], old_st["exp_avg_sq"].mean().expand(int(m.new.sum())))
+    assert torch.equal(st["exp_avg_sq"][:8][:, [0, 2, 3, 4]], old_st["exp_avg_sq"])   # copied: unchanged
+    assert not st["exp_avg"][m.new].any()                                         # first moments: zero

@@ -238,12 +238,14 @@ class SurgeryPlan:
         from .training_state import element_masks
         return element_masks(self)
 
-    def carry_optimizer(self, old_optimizer, new_optimizer):
+    def carry_optimizer(self, old_optimizer, new_optimizer, new_scale: str = "zero"):
         """Loads the old optimizer's state (Adam's moments and step, SGD's momentum) into
         `new_optimizer`, built over the new model's parameters: copied elements keep their
-        state, new ones start at zero. Returns `new_optimizer`."""
+        state, new ones start at zero (new_scale="mean": Adam's second moment of new elements
+        is the mean of the copied ones', see training_state.carry_state). Returns
+        `new_optimizer`."""
         from .training_state import carry_optimizer
-        return carry_optimizer(self, old_optimizer, new_optimizer)
+        return carry_optimizer(self, old_optimizer, new_optimizer, new_scale)
 
     def apply_to_checkpoint(self, src, dst, **kwargs):
         """Carries the weights from the checkpoint `src` (a safetensors file or a directory of

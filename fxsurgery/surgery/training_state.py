@@ -48,11 +48,20 @@ def element_masks(plan) -> dict[str, ElementMasks]:
     return out
 
 
-def carry_state(plan, old_state: dict) -> dict:
+SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")   # Adam's, AdamW's and AMSGrad's per-element scales
+
+
+def carry_state(plan, old_state: dict, new_scale: str = "zero") -> dict:
     """{new parameter name: state} from {old parameter name: state}, a state being a dict of
     per-element tensors (the old parameter's shape) and scalars. Copied elements keep their
     values, new ones are zero; a parameter with no old counterpart gets no state (an
-    optimizer then starts it afresh)."""
+    optimizer then starts it afresh).
+
+    new_scale="mean" gives new elements the mean second moment of the parameter's copied ones
+    instead of zero: the step count is the parameter's, carried, so with zero moments Adam's
+    bias correction no longer damps a new element's first updates, which come out about
+    sqrt(1 / (1 - beta2)) times larger than a fresh start's; a typical second moment keeps them
+    at the old elements' size."""
     out = {}
     for name, p in plan.params.items():
         state = old_state.get(p.old_name) if p.old_name is not None else None
@@ -64,6 +73,10 @@ def carry_state(plan, old_state: dict) -> dict:
                     and value.dim() > 0:
                 zeros = torch.zeros(p.match.new_shape, dtype=value.dtype, device=value.device)
                 carried = build(p.match, value, zeros, "zero")
+                if new_scale == "mean" and key in SECOND_MOMENTS and carried is not value:
+                    copied = build(p.match, torch.ones_like(value), zeros.clone(), "zero") > 0
+                    if copied.any() and not copied.all():
+                        carried[~copied] = carried[copied].mean()
                 new_state[key] = carried.clone() if carried is value else carried
             elif isinstance(value, torch.Tensor) and value.dim() > 0:
                 raise SurgeryError(f"optimizer state {key!r} of {p.old_name} has shape {tuple(value.shape)}, not the "
@@ -95,7 +108,8 @@ def _plan_name(plan, new_name: str) -> str | None:
     return None
 
 
-def carry_optimizer_state_dict(plan, state_dict: dict, new_param_names: list[str], old_param_names=None) -> dict:
+def carry_optimizer_state_dict(plan, state_dict: dict, new_param_names: list[str], old_param_names=None,
+                               new_scale: str = "zero") -> dict:
     """An optimizer state_dict for the new model from the old one's. `state_dict` indexes its
     parameters by position in its param groups: `old_param_names` names them (default: the old
     model's `parameters()` order, which is how an optimizer is usually built);
@@ -114,7 +128,7 @@ def carry_optimizer_state_dict(plan, state_dict: dict, new_param_names: list[str
                            f"{len(old_param_names)}; pass old_param_names in the optimizer's order")
     name_of = dict(zip(indices, old_param_names))
     old_state = {name_of[i]: s for i, s in state_dict["state"].items()}
-    carried = carry_state(plan, old_state)
+    carried = carry_state(plan, old_state, new_scale)
     group_of_old = {name_of[i]: k for k, g in enumerate(groups) for i in g["params"]}
     new_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in groups]
     state = {}
@@ -128,7 +142,8 @@ def carry_optimizer_state_dict(plan, state_dict: dict, new_param_names: list[str
     return {"state": state, "param_groups": new_groups}
 
 
-def carry_optimizer(plan, old_optimizer: torch.optim.Optimizer, new_optimizer: torch.optim.Optimizer):
+def carry_optimizer(plan, old_optimizer: torch.optim.Optimizer, new_optimizer: torch.optim.Optimizer,
+                    new_scale: str = "zero"):
     """Loads into `new_optimizer` (built over the new model's parameters, with its own
     hyperparameters) the state of `old_optimizer` (over the old model's), carried element by
     element. Returns `new_optimizer`."""
@@ -136,7 +151,7 @@ def carry_optimizer(plan, old_optimizer: torch.optim.Optimizer, new_optimizer: t
     new_params = [t for g in new_optimizer.param_groups for t in g["params"]]
     old_names = _names(plan.old.model, old_params)
     new_names = _names(plan.new.model, new_params)
-    sd = carry_optimizer_state_dict(plan, old_optimizer.state_dict(), new_names, old_names)
+    sd = carry_optimizer_state_dict(plan, old_optimizer.state_dict(), new_names, old_names, new_scale)
     own = new_optimizer.state_dict()
     sd["param_groups"] = own["param_groups"]      # the new optimizer's groups and hyperparameters
     new_optimizer.load_state_dict(sd)
