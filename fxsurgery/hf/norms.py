@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from ..surgery.training_state import entries_by_name
 from .layers import groups_in_keys, owned_parameters
 
 __all__ = ["EPSILON_FIELDS", "scaled_epsilons", "widen_through_norms"]
@@ -91,6 +92,7 @@ def widen_through_norms(plan, new_model, old_model, old_width: int, new_width: i
     state = new_model.state_dict()
     modules = dict(new_model.named_modules())
     masks = plan.masks()
+    masks = {a: masks[e] for a, e in entries_by_name(plan).items() if e in masks}   # tied names too
     shrink = math.sqrt(old_width / new_width)
     writers = []
     with torch.no_grad():
@@ -101,14 +103,14 @@ def widen_through_norms(plan, new_model, old_model, old_width: int, new_width: i
                 a = axis if value.dim() > axis else 0
                 if value.shape[a] != new_width:
                     continue
-                old = _old_positions(masks, plan, name, a, value)
+                old = _old_positions(masks, name, a, value)
                 if old is None or int(old.sum()) != old_width:
                     continue
                 _fill(value, a, old, fill)
                 writers.append(name)
         for n in norms:
             w, b = state.get(f"{n}.weight"), state.get(f"{n}.bias")
-            old = _old_positions(masks, plan, f"{n}.weight", 0, w)
+            old = _old_positions(masks, f"{n}.weight", 0, w)
             if old is None:
                 continue
             # The scale the norm applies is offset + weight: Gemma's RMSNorm multiplies by
@@ -132,12 +134,11 @@ def widen_through_norms(plan, new_model, old_model, old_width: int, new_width: i
             f"{old_width}/{new_width} (LEMON's construction){woken}"]
 
 
-def _old_positions(masks, plan, name, axis, value):
+def _old_positions(masks, name, axis, value):
     """Bool (n,) along `axis` of `name`: the positions that hold old stream coordinates."""
-    entry = name if name in masks else next((k for k, p in plan.params.items() if name in p.aliases), None)
-    if entry is None or value is None:
+    if name not in masks or value is None:
         return None
-    copied = masks[entry].copied
+    copied = masks[name].copied
     if copied.dim() == 0 or not copied.any():
         return None
     other = tuple(d for d in range(copied.dim()) if d != axis)
@@ -157,7 +158,7 @@ def _wake_readers(state, masks, plan, norms, writers, width: int, seed: int) -> 
     (see widen_through_norms). A reader is found by its mask alone: an axis of the stream's
     width along which every new coordinate's slab was zeroed by the plan."""
     norm_weight = next(f"{n}.weight" for n in norms)
-    old = _old_positions(masks, plan, norm_weight, 0, state[norm_weight])
+    old = _old_positions(masks, norm_weight, 0, state[norm_weight])
     if old is None:
         return []
     new_pos = torch.nonzero(~old).reshape(-1)

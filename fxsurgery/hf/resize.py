@@ -10,6 +10,7 @@ against the old model (`fs.verify`), the figures kept in `plan.verification`.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -106,16 +107,15 @@ def resize(model, *, tokenizer=None, add_tokens=None, new_tokens: str = "mean", 
             fused = [fuse_rms_norm(t.graph_module) for t in (old_t, new_t)]
             old_map, new_map = interaction_map(old_t), interaction_map(new_t)
         choices = writer_aliases(new_map, old_map, lists, rename, _non_persistent(new) | _non_persistent(model))
-        for tried, aliases in enumerate(choices[:_CHOICES]):
+        first = None
+        for aliases in choices[:_CHOICES]:
             p = make_plan(old_t, new_t, rename=rename, units=aliases, new_categories=new_tokens,
                           old_map=old_map, new_map=new_map)
+            first = first or (p, aliases)
             if not any(i.kind == "unmatched" for i in p.issues):
                 break
-        else:
-            if tried:   # none matched everything: the first choice, whose plan says where
-                aliases = choices[0]
-                p = make_plan(old_t, new_t, rename=rename, units=aliases, new_categories=new_tokens,
-                              old_map=old_map, new_map=new_map)
+        else:   # none matched everything: the first choice, whose plan says where
+            p, aliases = first
         p.apply()
         p.issues += initialise(new, lists, aliases, new_layers)
         if aliases:
@@ -200,7 +200,6 @@ def _build(model, config, fields):
                                f"{', '.join(f'{k}={v}' for k, v in fields.items())}: {e}") from e
     new = new.to(dtype=model.dtype, device=model.device)
     if getattr(model, "generation_config", None) is not None and getattr(new, "generation_config", None) is not None:
-        import copy
         new.generation_config = copy.deepcopy(model.generation_config)
     return new.eval()
 

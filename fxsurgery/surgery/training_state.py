@@ -18,7 +18,7 @@ import torch
 from .apply import build
 from .errors import SurgeryError
 
-__all__ = ["ElementMasks", "element_masks", "carry_state", "carry_optimizer", "carry_optimizer_state_dict"]
+__all__ = ["ElementMasks", "element_masks", "copied_mask", "entries_by_name", "carry_state", "carry_optimizer", "carry_optimizer_state_dict"]
 
 
 @dataclass
@@ -27,6 +27,18 @@ class ElementMasks:
     copied: torch.Tensor    # copied from an old element
     new: torch.Tensor       # not copied: zeroed, mean-initialised or kept as the new model built it
     zeroed: torch.Tensor    # new and set to zero by the plan
+
+
+def copied_mask(m, device=None) -> torch.Tensor:
+    """Bool, the new parameter's shape: the elements `m` copies from the old parameter."""
+    if m.old_shape is None or not m.copy:
+        return torch.zeros(tuple(m.new_shape), dtype=torch.bool, device=device)
+    return build(m, torch.ones(m.old_shape, device=device), torch.zeros(tuple(m.new_shape), device=device)) > 0
+
+
+def entries_by_name(plan) -> dict[str, str]:
+    """Every new state name (tied aliases included) -> the plan entry it belongs to."""
+    return {a: name for name, p in plan.params.items() for a in (p.aliases or (name,))}
 
 
 def element_masks(plan) -> dict[str, ElementMasks]:
@@ -38,10 +50,7 @@ def element_masks(plan) -> dict[str, ElementMasks]:
             continue
         m = p.match
         shape = tuple(m.new_shape)
-        if p.old_name is None or m.old_shape is None:
-            copied = torch.zeros(shape, dtype=torch.bool)
-        else:
-            copied = build(m, torch.ones(m.old_shape), torch.zeros(shape)) > 0
+        copied = copied_mask(m) if p.old_name is not None else torch.zeros(shape, dtype=torch.bool)
         zeroed = ~copied & (build(m, torch.zeros(m.old_shape) if m.old_shape is not None else None,
                                   torch.ones(shape), plan.new_categories) == 0)
         out[name] = ElementMasks(copied=copied, new=~copied, zeroed=zeroed)
@@ -74,7 +83,7 @@ def carry_state(plan, old_state: dict, new_scale: str = "zero") -> dict:
                 zeros = torch.zeros(p.match.new_shape, dtype=value.dtype, device=value.device)
                 carried = build(p.match, value, zeros, "zero")
                 if new_scale == "mean" and key in SECOND_MOMENTS and carried is not value:
-                    copied = build(p.match, torch.ones_like(value), zeros.clone(), "zero") > 0
+                    copied = copied_mask(p.match, value.device)
                     if copied.any() and not copied.all():
                         carried[~copied] = carried[copied].mean()
                 new_state[key] = carried.clone() if carried is value else carried
@@ -101,13 +110,6 @@ def _names(model, params) -> list[str]:
     return names
 
 
-def _plan_name(plan, new_name: str) -> str | None:
-    for name, p in plan.params.items():
-        if new_name in p.aliases:
-            return name
-    return None
-
-
 def carry_optimizer_state_dict(plan, state_dict: dict, new_param_names: list[str], old_param_names=None,
                                new_scale: str = "zero") -> dict:
     """An optimizer state_dict for the new model from the old one's. `state_dict` indexes its
@@ -132,8 +134,9 @@ def carry_optimizer_state_dict(plan, state_dict: dict, new_param_names: list[str
     group_of_old = {name_of[i]: k for k, g in enumerate(groups) for i in g["params"]}
     new_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in groups]
     state = {}
+    entry_of = entries_by_name(plan)
     for index, name in enumerate(new_param_names):
-        entry = _plan_name(plan, name)
+        entry = entry_of.get(name)
         p = plan.params.get(entry) if entry is not None else None
         group = group_of_old.get(p.old_name, 0) if p is not None and p.old_name is not None else 0
         new_groups[group]["params"].append(index)
